@@ -1,0 +1,123 @@
+"""Audio decoding and features.
+
+Bytes of any format libsndfile reads (WAV, FLAC, OGG, MP3 where supported) -> mono float32 at
+16 kHz -> Whisper log-mel features padded to the model's window. Errors are typed so the web layer
+can map them to status codes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from app.family import HOP_LENGTH, SAMPLE_RATE
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used; `kind` tells which (for the HTTP status)."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind  # "invalid" | "unsupported" | "too_long"
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode an audio file's bytes to (samples (n, channels) float32, sample_rate)."""
+    if not data:
+        raise AudioError("audio file is empty")
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except sf.LibsndfileError as exc:
+        msg = str(exc)
+        kind = "unsupported" if "format" in msg.lower() else "invalid"
+        raise AudioError(f"cannot decode audio: {msg}", kind) from exc
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise AudioError(f"cannot decode audio: {exc}") from exc
+    return samples, int(rate)
+
+
+def resample(x: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """Band-limited resampling of a mono signal (windowed-sinc polyphase via FFT)."""
+    if rate == target:
+        return x
+    if rate <= 0:
+        raise AudioError(f"invalid sample rate {rate}")
+    n_out = round(len(x) * target / rate)
+    if n_out == 0:
+        raise AudioError("audio is too short")
+    # FFT resampling: exact for band-limited periodic signals, good enough for speech/events.
+    spec = np.fft.rfft(x.astype(np.float64))
+    n_bins = n_out // 2 + 1
+    out_spec = np.zeros(n_bins, dtype=np.complex128)
+    keep = min(n_bins, len(spec))
+    out_spec[:keep] = spec[:keep]
+    return (np.fft.irfft(out_spec, n_out) * (n_out / len(x))).astype(np.float32)
+
+
+def to_mono_16k(samples: np.ndarray, rate: int) -> np.ndarray:
+    """(n, channels) at `rate` -> (n',) float32 at 16 kHz; rejects NaN/inf and empty audio."""
+    if samples.size == 0:
+        raise AudioError("audio has no samples")
+    if not np.isfinite(samples).all():
+        raise AudioError("audio contains NaN or infinite samples")
+    mono = samples.mean(axis=1) if samples.ndim == 2 else samples
+    return resample(mono.astype(np.float32), rate)
+
+
+@dataclass(frozen=True)
+class AudioFeatures:
+    """Log-mel features of one clip, padded to the encoder window."""
+
+    features: torch.Tensor  # (n_mels, window_frames) float32
+    n_frames: int  # valid frames (the rest is padding)
+    duration_s: float
+
+
+class FeatureExtractor:
+    """Whisper log-mel features with a fixed window (`window_frames` frames of 10 ms)."""
+
+    def __init__(self, n_mels: int, window_frames: int) -> None:
+        from transformers import WhisperFeatureExtractor
+
+        self.n_mels = n_mels
+        self.window_frames = window_frames
+        self.max_samples = window_frames * HOP_LENGTH
+        self._fx = WhisperFeatureExtractor(
+            feature_size=n_mels,
+            sampling_rate=SAMPLE_RATE,
+            hop_length=HOP_LENGTH,
+            chunk_length=math.ceil(self.max_samples / SAMPLE_RATE),
+            n_samples=self.max_samples,
+        )
+        self._fx.nb_max_frames = window_frames
+
+    @property
+    def max_seconds(self) -> float:
+        return self.max_samples / SAMPLE_RATE
+
+    def __call__(self, wave: np.ndarray) -> AudioFeatures:
+        """wave: (n,) float32 at 16 kHz, at most the window long (never silently cut)."""
+        if len(wave) > self.max_samples:
+            raise AudioError(
+                f"audio is {len(wave) / SAMPLE_RATE:.2f} s; the model's window is "
+                f"{self.max_seconds:.2f} s",
+                "too_long",
+            )
+        if len(wave) < HOP_LENGTH:
+            raise AudioError("audio is shorter than 10 ms")
+        out = self._fx(
+            wave,
+            sampling_rate=SAMPLE_RATE,
+            padding="max_length",
+            max_length=self.max_samples,
+            return_tensors="pt",
+            return_attention_mask=True,
+        )
+        feats = out["input_features"][0, :, : self.window_frames]
+        n_frames = int(out["attention_mask"][0, : self.window_frames].sum())
+        return AudioFeatures(feats.float(), n_frames, len(wave) / SAMPLE_RATE)

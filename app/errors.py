@@ -1,0 +1,57 @@
+"""The service's error hierarchy, each type mapped to an HTTP status in one place.
+
+Every error reaches the client as `{"error": {"type": ..., "message": ...}}`.
+"""
+
+from __future__ import annotations
+
+
+class QuaverError(Exception):
+    """Base class: an error with an HTTP status and a stable machine-readable type."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"type": self.type, "message": self.message}}
+
+
+class BadRequest(QuaverError):
+    status, type = 400, "bad_request"
+
+
+class Unauthorized(QuaverError):
+    status, type = 401, "unauthorized"
+
+
+class PayloadTooLarge(QuaverError):
+    status, type = 413, "payload_too_large"
+
+
+class AudioTooLong(QuaverError):
+    status, type = 413, "audio_too_long"
+
+
+class UnsupportedMediaType(QuaverError):
+    status, type = 415, "unsupported_media_type"
+
+
+class InvalidInput(QuaverError):
+    status, type = 422, "invalid_input"
+
+
+class Overloaded(QuaverError):
+    status, type = 503, "overloaded"
+
+
+class NotReady(QuaverError):
+    status, type = 503, "not_ready"
+
+
+class InferenceTimeout(QuaverError):
+    status, type = 503, "timeout"

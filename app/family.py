@@ -1,0 +1,130 @@
+"""Model-family specifics in one place.
+
+Quaver's prompt contract and engine only need a handful of facts about an audio-language model:
+where its audio tower, projector, decoder layers and LM head live, which token marks audio, and
+how long an audio window the encoder takes. This module holds those facts for the Qwen2-Audio
+family (`Qwen2AudioForConditionalGeneration`), and the two configurations Quaver builds itself:
+
+- `tiny_config()`: a random-init model small enough to train on 2 CPU cores in minutes (tests, CI);
+- `default_config()`: the embedded default's shape (Whisper tiny.en encoder + SmolLM2-135M decoder).
+
+A real checkpoint (e.g. Qwen2-Audio-7B-Instruct) brings its own config.json and is read as is.
+Another family (e.g. Qwen2.5-Omni's thinker) would add a second `ModelFamily` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+# Special tokens of the Qwen2-Audio prompt format.
+AUDIO_BOS = "<|audio_bos|>"
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_EOS = "<|audio_eos|>"
+AUDIO_SPECIAL_TOKENS = (AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS)
+
+# Linear layers of a Llama/Qwen2 decoder layer, the LoRA targets of the reference recipe.
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+SAMPLE_RATE = 16_000
+HOP_LENGTH = 160  # Whisper: 10 ms per mel frame
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Where the parts of a Qwen2-Audio-architecture model live."""
+
+    name: str = "qwen2-audio"
+
+    def audio_tower(self, model: nn.Module) -> nn.Module:
+        return model.model.audio_tower
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        return model.model.multi_modal_projector
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (embed_tokens, layers, norm, rotary_emb)."""
+        return model.model.language_model
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        return model.lm_head
+
+    def decoder_layer_prefix(self, layer: int) -> str:
+        """Module path of decoder layer `layer`, relative to the full model."""
+        return f"model.language_model.layers.{layer}"
+
+    def audio_token_id(self, model: nn.Module) -> int:
+        return int(model.config.audio_token_id)
+
+    def window_frames(self, model_config: Qwen2AudioConfig) -> int:
+        """Mel frames the encoder takes: max_source_positions x the two conv strides (1 and 2)."""
+        return int(model_config.audio_config.max_source_positions) * 2
+
+    def window_seconds(self, model_config: Qwen2AudioConfig) -> float:
+        return self.window_frames(model_config) * HOP_LENGTH / SAMPLE_RATE
+
+    def audio_tokens_for_frames(self, n_frames: int) -> int:
+        """Audio tokens the encoder emits for `n_frames` valid mel frames (conv stride 2, pool 2)."""
+        after_conv = (n_frames - 1) // 2 + 1
+        return (after_conv - 2) // 2 + 1
+
+
+QWEN2_AUDIO = ModelFamily()
+
+
+def tiny_config(vocab_size: int, audio_token_id: int, pad_token_id: int) -> Qwen2AudioConfig:
+    """A ~1M-parameter Qwen2-Audio model with a 10 s audio window (500 encoder positions)."""
+    return Qwen2AudioConfig(
+        audio_config={
+            "model_type": "qwen2_audio_encoder",
+            "num_mel_bins": 80,
+            "d_model": 96,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "encoder_ffn_dim": 192,
+            "max_source_positions": 500,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": vocab_size,
+            "hidden_size": 96,
+            "intermediate_size": 192,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": False,
+            "pad_token_id": pad_token_id,
+            "layer_types": ["full_attention"] * 4,
+        },
+        audio_token_id=audio_token_id,
+    )
+
+
+def init_like_pytorch(model: nn.Module, seed: int) -> None:
+    """Re-initialise every Linear/Embedding with PyTorch's default init.
+
+    transformers' default (normal, std 0.02) leaves a tiny from-scratch Qwen2-Audio model at chance
+    loss for hundreds of steps; PyTorch's fan-in init trains.
+    """
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for module in model.modules():
+            if isinstance(module, nn.Linear | nn.Conv1d):
+                module.reset_parameters()
+            elif isinstance(module, nn.Embedding) and module.weight.requires_grad:
+                nn.init.normal_(module.weight, std=1.0 / module.weight.shape[1] ** 0.5)
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def build_model(config: Qwen2AudioConfig, seed: int = 0) -> Qwen2AudioForConditionalGeneration:
+    """A randomly initialised model of `config` (fp32, eval mode)."""
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config)
+    init_like_pytorch(model, seed)
+    return model.eval()

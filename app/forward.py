@@ -1,0 +1,177 @@
+"""The forward pass that scores option letters, shared by training and serving.
+
+The stock `Qwen2AudioForConditionalGeneration.forward` computes full-vocabulary logits at every
+position and cannot share work between posterior samples. Quaver's pass is split in two:
+
+    prefix:  audio encoder (once per clip) -> projector -> token embeddings with audio spliced in
+             -> decoder layers [0, split)                       rows = R requests
+    suffix:  decoder layers [split, L) -> final norm -> hidden at each row's last token
+             -> lm_head rows of the option letters only          rows = R x K samples
+
+`split` is the first decoder layer that carries LoRA: below it every posterior sample computes the
+same thing, so it runs once per request and its hidden states are repeated to the K sample rows.
+Sequences are right-padded: with causal attention a real token never sees the padding after it,
+so a row's result does not depend on the other rows in the batch, and no attention mask is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
+
+from app.family import QWEN2_AUDIO, ModelFamily
+
+
+@dataclass
+class PromptBatch:
+    """R prompts, right-padded, each with one audio clip."""
+
+    features: torch.Tensor  # (R, n_mels, window_frames) float32 log-mel
+    n_frames: torch.Tensor  # (R,) int64 valid mel frames per clip
+    ids: torch.Tensor  # (R, T) int64 token ids, right-padded
+    lengths: torch.Tensor  # (R,) int64 real tokens per row
+    n_choices: torch.Tensor  # (R,) int64 choices offered per prompt
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        return PromptBatch(*(t.to(device) for t in self.__dict__.values()))
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def collate(prompts: list, features: list, pad_id: int) -> PromptBatch:
+    """Stack `PromptIds` and `AudioFeatures` into a right-padded `PromptBatch`."""
+    lengths = torch.tensor([len(p.ids) for p in prompts], dtype=torch.long)
+    ids = torch.full((len(prompts), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p.ids)] = p.ids
+    return PromptBatch(
+        features=torch.stack([f.features for f in features]),
+        n_frames=torch.tensor([f.n_frames for f in features], dtype=torch.long),
+        ids=ids,
+        lengths=lengths,
+        n_choices=torch.tensor([p.n_choices for p in prompts], dtype=torch.long),
+    )
+
+
+def encode_audio(
+    model: nn.Module, features: torch.Tensor, n_frames: torch.Tensor, family: ModelFamily = QWEN2_AUDIO
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Audio tower + projector. Returns (embeds (R, A_max, d_text), audio token counts (R,))."""
+    tower = family.audio_tower(model)
+    dtype = next(tower.parameters()).dtype
+    conv_lens, out_lens = tower._get_feat_extract_output_lengths(n_frames)
+    rows, _, mel_len = features.shape
+    enc_len = (mel_len - 2) // 2 + 1  # positions after conv2 (stride 2)
+    pos = torch.arange(enc_len, device=features.device)[None, :]
+    mask_2d = (pos < conv_lens[:, None]).long()  # (R, enc_len): 1 = real frame
+    dummy = torch.zeros(rows, enc_len, 1, dtype=dtype, device=features.device)
+    mask = create_bidirectional_mask(
+        config=tower.config, inputs_embeds=dummy, attention_mask=mask_2d
+    )
+    hidden = tower(features.to(dtype), attention_mask=mask).last_hidden_state  # (R, A_max, d_audio)
+    return family.projector(model)(hidden), out_lens
+
+
+def embed_prompts(
+    model: nn.Module,
+    ids: torch.Tensor,
+    audio_embeds: torch.Tensor,
+    audio_lens: torch.Tensor,
+    family: ModelFamily = QWEN2_AUDIO,
+) -> torch.Tensor:
+    """Token embeddings (R, T, d) with each row's audio tokens replaced by its audio features."""
+    lm = family.language_model(model)
+    embeds = lm.embed_tokens(ids)
+    audio_mask = ids == family.audio_token_id(model)  # (R, T)
+    counts = audio_mask.sum(1)
+    if not torch.equal(counts.cpu(), audio_lens.cpu()):
+        raise ValueError(f"audio tokens {counts.tolist()} != audio features {audio_lens.tolist()}")
+    valid = torch.arange(audio_embeds.shape[1], device=ids.device)[None, :] < audio_lens[:, None]
+    flat = audio_embeds[valid].to(embeds.dtype)  # (sum audio_lens, d), row-major like the mask
+    return embeds.masked_scatter(audio_mask.unsqueeze(-1), flat)
+
+
+class DecoderRunner:
+    """Runs a slice of the decoder layers with the model's own masks and rotary embeddings."""
+
+    def __init__(self, model: nn.Module, family: ModelFamily = QWEN2_AUDIO) -> None:
+        self.lm = family.language_model(model)
+        self.num_layers = len(self.lm.layers)
+
+    def _masks(self, h: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        cfg = self.lm.config
+        kw = dict(config=cfg, inputs_embeds=h, attention_mask=None, past_key_values=None,
+                  position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**kw)}
+        if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+        return masks
+
+    def run(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """h: (B, T, d) hidden entering layer `start` -> hidden leaving layer `end - 1`."""
+        if start >= end:
+            return h
+        position_ids = torch.arange(h.shape[1], device=h.device)[None, :]  # right padding
+        masks = self._masks(h, position_ids)
+        pos_emb = self.lm.rotary_emb(h, position_ids=position_ids)
+        for layer in self.lm.layers[start:end]:
+            kind = getattr(layer, "attention_type", "full_attention")
+            h = layer(h, attention_mask=masks[kind], position_ids=position_ids,
+                      position_embeddings=pos_emb)
+        return h
+
+
+def prefix_hidden(
+    model: nn.Module, batch: PromptBatch, split: int, family: ModelFamily = QWEN2_AUDIO
+) -> torch.Tensor:
+    """Hidden states (R, T, d) entering decoder layer `split` (audio encoded once per row)."""
+    audio, audio_lens = encode_audio(model, batch.features, batch.n_frames, family)
+    h = embed_prompts(model, batch.ids, audio, audio_lens, family)
+    return DecoderRunner(model, family).run(h, 0, split)
+
+
+def suffix_letter_logits(
+    model: nn.Module,
+    h: torch.Tensor,
+    lengths: torch.Tensor,
+    split: int,
+    letter_ids: torch.Tensor,
+    family: ModelFamily = QWEN2_AUDIO,
+) -> torch.Tensor:
+    """Layers [split, L), final norm, letter logits at each row's last token: (B, n_letters)."""
+    runner = DecoderRunner(model, family)
+    h = runner.run(h, split, runner.num_layers)
+    last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, d)
+    last = runner.lm.norm(last)
+    weight = family.lm_head(model).weight[letter_ids]  # (n_letters, d): only the rows we need
+    return last @ weight.T
+
+
+def choice_log_probs(letter_logits: torch.Tensor, n_choices: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over each row's offered letters; letters past n_choices get -inf."""
+    n_letters = letter_logits.shape[-1]
+    offered = torch.arange(n_letters, device=letter_logits.device)[None, :] < n_choices[:, None]
+    masked = letter_logits.float().masked_fill(~offered, float("-inf"))
+    return masked.log_softmax(-1)
+
+
+def letter_log_probs(
+    model: nn.Module,
+    batch: PromptBatch,
+    letter_ids: torch.Tensor,
+    split: int = 0,
+    family: ModelFamily = QWEN2_AUDIO,
+) -> torch.Tensor:
+    """One deterministic pass: (R, n_letters) log-probabilities over the offered letters."""
+    h = prefix_hidden(model, batch, split, family)
+    logits = suffix_letter_logits(model, h, batch.lengths, split, letter_ids, family)
+    return choice_log_probs(logits, batch.n_choices)

@@ -1,0 +1,126 @@
+"""Loading a Qwen2-Audio-architecture checkpoint directory.
+
+One loader for every model Quaver serves or trains: the tiny random-init model, the embedded
+default assembled by `quaver build-base`, and any local checkpoint in the Qwen2-Audio-7B-Instruct
+layout (config.json + safetensors weights + tokenizer files + preprocessor_config.json). Nothing
+is fetched from a hub: `local_files_only` is always set.
+
+    from app.modeling import load_checkpoint
+    ckpt = load_checkpoint("artifacts/base")   # -> LoadedModel(model, tokenizer, features, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PretrainedConfig, Qwen2AudioForConditionalGeneration
+
+from app.audio import FeatureExtractor
+from app.family import QWEN2_AUDIO, ModelFamily
+from app.prompt import PromptBuilder
+
+# Keys of config.to_dict() that do not change the computation.
+_VOLATILE_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
+                  "_commit_hash", "_attn_implementation_autoset", "use_cache", "output_attentions",
+                  "output_hidden_states", "return_dict"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory that cannot be loaded (missing files, wrong architecture)."""
+
+
+def _canonical(obj):
+    if isinstance(obj, dict):
+        return {k: _canonical(v) for k, v in sorted(obj.items()) if k not in _VOLATILE_KEYS}
+    if isinstance(obj, list | tuple):
+        return [_canonical(v) for v in obj]
+    return obj
+
+
+def config_hash(config: PretrainedConfig) -> str:
+    """sha256 of the canonical JSON of a model config (identifies the architecture + vocab)."""
+    blob = json.dumps(_canonical(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A model with everything needed to turn (audio, question, choices) into letter scores."""
+
+    model: Qwen2AudioForConditionalGeneration
+    tokenizer: object
+    features: FeatureExtractor
+    prompts: PromptBuilder
+    family: ModelFamily
+    path: Path
+    config_hash: str
+
+    @property
+    def letter_ids(self) -> torch.Tensor:
+        return torch.tensor(self.prompts.letter_ids, dtype=torch.long, device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.family.language_model(self.model).layers)
+
+
+def _n_mels(model_dir: Path, config) -> int:
+    pre = model_dir / "preprocessor_config.json"
+    if pre.exists():
+        return int(json.loads(pre.read_text()).get("feature_size", config.audio_config.num_mel_bins))
+    return int(config.audio_config.num_mel_bins)
+
+
+def load_checkpoint(
+    model_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    family: ModelFamily = QWEN2_AUDIO,
+) -> LoadedModel:
+    """Load model + tokenizer + feature settings from a local directory (eval mode)."""
+    path = Path(model_dir)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    try:
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
+    model = model.to(device).eval()
+    cfg = model.config
+    features = FeatureExtractor(_n_mels(path, cfg), family.window_frames(cfg))
+    prompts = PromptBuilder(tokenizer, family.audio_token_id(model))
+    return LoadedModel(model, tokenizer, features, prompts, family, path, config_hash(cfg))
+
+
+def save_checkpoint(model, tokenizer, model_dir: str | Path) -> Path:
+    """Write a checkpoint in the layout `load_checkpoint` reads (safetensors, tokenizer, features)."""
+    from transformers import WhisperFeatureExtractor
+
+    from app.family import HOP_LENGTH, SAMPLE_RATE
+
+    path = Path(model_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    cfg = model.config
+    frames = QWEN2_AUDIO.window_frames(cfg)
+    WhisperFeatureExtractor(
+        feature_size=cfg.audio_config.num_mel_bins,
+        sampling_rate=SAMPLE_RATE,
+        hop_length=HOP_LENGTH,
+        chunk_length=max(1, frames * HOP_LENGTH // SAMPLE_RATE),
+        n_samples=frames * HOP_LENGTH,
+    ).save_pretrained(path)
+    return path

@@ -1,0 +1,139 @@
+"""K-sample prediction: the pure-compute core used by `quaver ask`, evaluation and the server.
+
+    predictor = Predictor(loaded_model, posterior)
+    prepared = predictor.prepare(wave_16k, "Which is louder?", ["first", "second"])
+    [pred] = predictor.predict([Request(prepared, samples=8, seed=0)])
+    pred.probs, pred.confidence, pred.mutual_information
+
+A request with `samples == 1` runs at the posterior mean (the deterministic pass); with K >= 2 it
+draws K independent weight samples and averages their softmax outputs (Bayesian model averaging).
+All requests of one call share one forward pass: audio encoder and the decoder layers below the
+first LoRA layer run once per request (R rows), the layers above at sum(K_i) rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.audio import AudioFeatures
+from app.forward import PromptBatch, choice_log_probs, collate, prefix_hidden, suffix_letter_logits
+from app.lora import PosteriorSampler, SampleSet, active_samples, attach_posterior, concat_factors
+from app.modeling import LoadedModel
+from app.posterior import Posterior
+from app.prompt import PromptIds
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated question with its audio features and token ids (CPU tensors)."""
+
+    audio: AudioFeatures
+    prompt: PromptIds
+    choices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Request:
+    prepared: Prepared
+    samples: int = 1  # 1 = posterior mean; K >= 2 = K weight samples
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probs: np.ndarray  # (C,) BMA probabilities over the offered choices
+    sample_probs: np.ndarray  # (K, C) per-sample probabilities
+    answer_index: int
+    confidence: float  # max of probs
+    entropy: float  # H(probs), nats
+    mutual_information: float  # H(probs) - mean_k H(sample_probs[k]), nats
+    agreement: float  # fraction of samples whose argmax equals answer_index
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+    return -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(-1)
+
+
+def summarize(sample_probs: np.ndarray) -> Prediction:
+    """BMA summary of (K, C) per-sample probabilities."""
+    probs = sample_probs.mean(0)
+    answer = int(probs.argmax())
+    h = float(_entropy(probs))
+    mi = max(0.0, h - float(_entropy(sample_probs).mean()))
+    agree = float((sample_probs.argmax(-1) == answer).mean())
+    return Prediction(probs, sample_probs, answer, float(probs[answer]), h, mi, agree)
+
+
+class Predictor:
+    """Scores multiple-choice questions about audio with a model and (optionally) a posterior."""
+
+    def __init__(self, loaded: LoadedModel, posterior: Posterior | None = None) -> None:
+        self.loaded = loaded
+        self.posterior = posterior
+        model = loaded.model
+        self.split = loaded.num_layers
+        self.sampler = None
+        if posterior is not None:
+            attach_posterior(model, posterior)
+            self.split = posterior.spec.first_layer
+            dtype = next(model.parameters()).dtype
+            self.sampler = PosteriorSampler(posterior, loaded.device, dtype)
+        self.letter_ids = loaded.letter_ids
+        self.pad_id = loaded.tokenizer.pad_token_id or 0
+
+    @property
+    def max_seconds(self) -> float:
+        return self.loaded.features.max_seconds
+
+    def prepare(self, wave: np.ndarray, question: str, choices: list[str] | tuple[str, ...]) -> Prepared:
+        """Features + prompt ids for one question (raises AudioError / PromptError)."""
+        feats = self.loaded.features(wave)
+        n_audio = self.loaded.family.audio_tokens_for_frames(feats.n_frames)
+        prompt = self.loaded.prompts.build(n_audio, question, choices)
+        return Prepared(feats, prompt, tuple(choices))
+
+    def batch(self, prepared: list[Prepared]) -> PromptBatch:
+        return collate([p.prompt for p in prepared], [p.audio for p in prepared], self.pad_id)
+
+    @torch.inference_mode()
+    def predict(self, requests: list[Request]) -> list[Prediction]:
+        """One forward pass for all requests; returns one Prediction per request."""
+        if not requests:
+            return []
+        device = self.loaded.device
+        batch = self.batch([r.prepared for r in requests]).to(device)
+        h = prefix_hidden(self.loaded.model, batch, self.split, self.loaded.family)  # (R, T, d)
+        ks = [r.samples if self.sampler is not None else 1 for r in requests]
+        repeats = torch.tensor(ks, device=device)
+        h = h.repeat_interleave(repeats, dim=0)  # (sum K, T, d)
+        lengths = batch.lengths.repeat_interleave(repeats)
+        n_choices = batch.n_choices.repeat_interleave(repeats)
+        samples = self._draw(requests, ks)
+        with active_samples(samples):
+            logits = suffix_letter_logits(
+                self.loaded.model, h, lengths, self.split, self.letter_ids, self.loaded.family
+            )
+        probs = choice_log_probs(logits, n_choices).exp().float().cpu().numpy()
+        out, start = [], 0
+        for req, k in zip(requests, ks, strict=True):
+            c = len(req.prepared.choices)
+            out.append(summarize(probs[start : start + k, :c]))
+            start += k
+        return out
+
+    def _draw(self, requests: list[Request], ks: list[int]) -> SampleSet | None:
+        if self.sampler is None:
+            return None
+        rows, parts, start = [], [], 0
+        for req, k in zip(requests, ks, strict=True):
+            if k >= 2:
+                gen = torch.Generator(device=self.loaded.device).manual_seed(int(req.seed))
+                parts.append(self.sampler.draw(k, gen))
+                rows.extend(range(start, start + k))
+            start += k
+        if not rows:
+            return None
+        return SampleSet(torch.tensor(rows, device=self.loaded.device), concat_factors(parts))

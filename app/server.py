@@ -1,0 +1,383 @@
+"""Quaver's web service: a thin FastAPI layer over the engine.
+
+    quaver serve                         # or: uvicorn --factory app.server:create_app
+
+Routes: POST /answer (multipart: audio, question, choices..., samples, max_risk, seed, adaptive),
+GET /healthz, GET /readyz, GET /metrics, GET / (a page to try it), OpenAPI at /docs.
+The model loads in a background thread at start-up, so /healthz answers at once and /readyz turns
+200 after one warm-up pass. Errors are `QuaverError`s mapped to status codes in one handler.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import audio as audio_mod
+from app.engine import Engine, Job
+from app.errors import (
+    AudioTooLong,
+    BadRequest,
+    InvalidInput,
+    NotReady,
+    PayloadTooLarge,
+    QuaverError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from app.metrics import Metrics
+from app.predict import Predictor, Request as PredictRequest
+from app.prompt import MAX_CHOICES, MIN_CHOICES, PromptError
+from app.settings import Settings
+from app.thresholds import threshold_for
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+class Uncertainty(BaseModel):
+    entropy: float = Field(description="entropy of the averaged probabilities (nats)")
+    mutual_information: float = Field(description="epistemic part: H(mean p) - mean H(p_k)")
+    agreement: float = Field(description="fraction of samples agreeing with the answer")
+
+
+class ModelIds(BaseModel):
+    base: str
+    posterior: str
+
+
+class Timing(BaseModel):
+    queue: float
+    inference: float
+    total: float
+
+
+class AnswerResponse(BaseModel):
+    answer: str
+    answer_index: int
+    confidence: float
+    abstain: bool
+    threshold: float | None = Field(description="abstain iff confidence < threshold; null = always")
+    max_risk: float | None = Field(description="the calibrated risk target used")
+    probabilities: dict[str, float]
+    uncertainty: Uncertainty
+    samples: int = Field(description="posterior samples actually drawn (1 = posterior mean)")
+    model: ModelIds
+    timing_ms: Timing
+
+
+def load_predictor(settings: Settings) -> Predictor:
+    """Default loader: base checkpoint + posterior from the settings' directories."""
+    import torch
+
+    from app.modeling import load_checkpoint
+    from app.posterior import load_posterior
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    loaded = load_checkpoint(settings.model_dir, device=device, dtype=getattr(torch, settings.dtype))
+    posterior = load_posterior(settings.posterior_dir, expected_config_hash=loaded.config_hash,
+                               model=loaded.model)
+    return Predictor(loaded, posterior)
+
+
+class ServiceState:
+    """What the routes share: settings, metrics, and the engine once it is loaded."""
+
+    def __init__(self, settings: Settings, loader: Callable[[Settings], Predictor]) -> None:
+        self.settings = settings
+        self.loader = loader
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+
+    def load(self) -> None:
+        try:
+            predictor = self.loader(self.settings)
+            engine = Engine(predictor, self.metrics, max_batch_rows=self.settings.max_batch_rows,
+                            max_wait_ms=self.settings.max_wait_ms,
+                            queue_size=self.settings.queue_size,
+                            adaptive_margin=self.settings.adaptive_margin)
+            self._warm_up(engine)
+            engine.start()
+            self.engine = engine
+            base = Path(str(predictor.loaded.path)).name
+            post = predictor.posterior.name if predictor.posterior else "none"
+            self.metrics.model_info.labels(base=base, posterior=post).set(1)
+            self.metrics.ready.set(1)
+            self.ready.set()
+        except Exception as exc:  # reported by /readyz; the process stays up for diagnosis
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            print(f"[quaver] model failed to load: {self.load_error}", flush=True)
+
+    def _warm_up(self, engine: Engine) -> None:
+        p = engine.predictor
+        wave = np.zeros(16000, dtype=np.float32)
+        prepared = p.prepare(wave, "warm-up", ["yes", "no"])
+        engine.run_now([Job(PredictRequest(prepared, samples=2, seed=0), threshold=0.0)])
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.quaver
+
+
+def require_engine(state: Annotated[ServiceState, Depends(get_state)]) -> Engine:
+    if state.engine is None:
+        raise NotReady(state.load_error or "the model is still loading",
+                       headers={"Retry-After": "5"})
+    return state.engine
+
+
+def check_api_key(request: Request, state: Annotated[ServiceState, Depends(get_state)]) -> None:
+    key = state.settings.api_key
+    if key and request.headers.get("authorization", "") != f"Bearer {key}":
+        raise Unauthorized("missing or wrong bearer token")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 as soon as a request body exceeds the limit, while it streams in."""
+
+    def __init__(self, app, limit: int, metrics: Metrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = PayloadTooLarge(f"upload larger than {self.limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(scope, send, too_big)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            return await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            return await self._reject(scope, send, too_big)
+
+    async def _reject(self, scope, send, err: QuaverError):
+        self.metrics.errors.labels(type=err.type).inc()
+        self.metrics.requests.labels(route=scope.get("path", ""), status=str(err.status)).inc()
+        resp = JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})
+        await resp(scope, _empty_receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _empty_receive():
+    return {"type": "http.disconnect"}
+
+
+def _parse_choices(raw: list[str]) -> list[str]:
+    if len(raw) == 1 and raw[0].strip().startswith("["):
+        try:
+            parsed = json.loads(raw[0])
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"choices is not a valid JSON list: {exc}") from exc
+        if not isinstance(parsed, list) or not all(isinstance(c, str) for c in parsed):
+            raise InvalidInput("choices must be a list of strings")
+        raw = parsed
+    choices = [c.strip() for c in raw]
+    if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
+        raise InvalidInput(f"give {MIN_CHOICES}-{MAX_CHOICES} choices, got {len(choices)}")
+    if any(not c for c in choices):
+        raise InvalidInput("choices must not be empty")
+    if len({c.lower() for c in choices}) != len(choices):
+        raise InvalidInput("choices must be distinct")
+    return choices
+
+
+def create_app(settings: Settings | None = None,
+               loader: Callable[[Settings], Predictor] = load_predictor,
+               load_in_background: bool = True) -> FastAPI:
+    """The app factory. `loader` builds the Predictor (tests inject a tiny one)."""
+    settings = settings or Settings()
+    state = ServiceState(settings, loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        thread = threading.Thread(target=state.load, name="quaver-load", daemon=True)
+        thread.start()
+        if not load_in_background:
+            thread.join()
+        yield
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = FastAPI(title="Quaver", version="0.1.0", lifespan=lifespan,
+                  description="Audio question answering that knows when it does not know.")
+    app.state.quaver = state
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes, metrics=state.metrics)
+
+    @app.exception_handler(QuaverError)
+    async def quaver_error(request: Request, exc: QuaverError):
+        state.metrics.errors.labels(type=exc.type).inc()
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return await quaver_error(request, InvalidInput("; ".join(parts) or "invalid request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        err = QuaverError(str(exc.detail))
+        err.status, err.type = exc.status_code, "not_found" if exc.status_code == 404 else "http_error"
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        t = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:
+            state.metrics.errors.labels(type="internal_error").inc()
+            state.metrics.requests.labels(route=request.url.path, status="500").inc()
+            return JSONResponse(QuaverError("internal error").body(), status_code=500)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        state.metrics.requests.labels(route=path, status=str(response.status_code)).inc()
+        state.metrics.request_duration.labels(route=path).observe(time.perf_counter() - t)
+        return response
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if state.engine is not None:
+            return {"status": "ready"}
+        body = {"status": "failed" if state.load_error else "loading", "error": state.load_error}
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    @app.post("/answer", response_model=AnswerResponse, dependencies=[Depends(check_api_key)])
+    async def answer(
+        engine: Annotated[Engine, Depends(require_engine)],
+        audio: Annotated[UploadFile, File(description="audio file (WAV, FLAC, OGG, ...)")],
+        question: Annotated[str, Form(description="the question about the audio")],
+        choices: Annotated[list[str], Form(description="2-10 answer options")],
+        samples: Annotated[int | None, Form(description="posterior samples K")] = None,
+        max_risk: Annotated[float | None, Form(description="target selective risk")] = None,
+        seed: Annotated[int, Form(description="seed of the weight samples")] = 0,
+        adaptive: Annotated[bool | None, Form(description="sample only near the threshold")] = None,
+    ) -> AnswerResponse:
+        t0 = time.perf_counter()
+        s = state.settings
+        k = s.default_samples if samples is None else samples
+        if not 1 <= k <= s.max_samples:
+            raise InvalidInput(f"samples must be between 1 and {s.max_samples}, got {k}")
+        risk = s.default_max_risk if max_risk is None else max_risk
+        if not (0 < risk < 1) or not math.isfinite(risk):
+            raise InvalidInput(f"max_risk must be in (0, 1), got {risk}")
+        if not question.strip():
+            raise InvalidInput("question must not be empty")
+        opts = _parse_choices(choices)
+        if not 0 <= seed < 2**63:
+            raise InvalidInput("seed must be a non-negative 64-bit integer")
+        data = await audio.read()
+        if len(data) > s.max_upload_bytes:
+            raise PayloadTooLarge(f"upload larger than {s.max_upload_bytes} bytes")
+        ctype = (audio.content_type or "").lower()
+        if ctype and not (ctype.startswith("audio/") or ctype in (
+                "application/octet-stream", "application/ogg", "video/ogg")):
+            raise UnsupportedMediaType(f"audio must be an audio file, got content type {ctype}")
+        prepared = _prepare(engine.predictor, data, question, opts)
+        state.metrics.audio_duration.observe(prepared.audio.duration_s)
+        thr = threshold_for(engine.predictor.posterior.calibration
+                            if engine.predictor.posterior else None, risk)
+        use_adaptive = s.adaptive if adaptive is None else adaptive
+        job = Job(PredictRequest(prepared, samples=k, seed=seed), threshold=thr.value,
+                  adaptive=use_adaptive and k > 1)
+        out = await engine.submit(job, s.request_timeout_s)
+        pred = out.prediction
+        abstain = pred.confidence < thr.value
+        label = "none" if thr.max_risk is None else f"{thr.max_risk:g}"
+        state.metrics.answers.labels(outcome="abstained" if abstain else "answered",
+                                     max_risk=label).inc()
+        state.metrics.confidence.observe(pred.confidence)
+        state.metrics.mutual_information.observe(pred.mutual_information)
+        p = engine.predictor
+        return AnswerResponse(
+            answer=opts[pred.answer_index], answer_index=pred.answer_index,
+            confidence=pred.confidence, abstain=bool(abstain),
+            threshold=thr.value if math.isfinite(thr.value) else None, max_risk=thr.max_risk,
+            probabilities={c: float(v) for c, v in zip(opts, pred.probs, strict=True)},
+            uncertainty=Uncertainty(entropy=pred.entropy, mutual_information=pred.mutual_information,
+                                    agreement=pred.agreement),
+            samples=out.samples_used,
+            model=ModelIds(base=Path(str(p.loaded.path)).name,
+                           posterior=p.posterior.name if p.posterior else "none"),
+            timing_ms=Timing(queue=out.queue_ms, inference=out.inference_ms,
+                             total=(time.perf_counter() - t0) * 1000),
+        )
+
+    return app
+
+
+def _prepare(predictor: Predictor, data: bytes, question: str, choices: list[str]):
+    try:
+        samples, rate = audio_mod.decode(data)
+        wave = audio_mod.to_mono_16k(samples, rate)
+        return predictor.prepare(wave, question, choices)
+    except audio_mod.AudioError as exc:
+        if exc.kind == "unsupported":
+            raise UnsupportedMediaType(str(exc)) from exc
+        if exc.kind == "too_long":
+            raise AudioTooLong(str(exc)) from exc
+        raise InvalidInput(str(exc)) from exc
+    except PromptError as exc:
+        raise InvalidInput(str(exc)) from exc
+
+
+def serve(host: str | None = None, port: int | None = None) -> None:
+    """Run the service with uvicorn (settings from the environment, overrides from the CLI)."""
+    import uvicorn
+
+    settings = Settings()
+    if host:
+        settings.host = host
+    if port:
+        settings.port = port
+    print(f"[quaver] serving on http://{settings.host}:{settings.port} "
+          f"(model {settings.model_dir}, posterior {settings.posterior_dir})", flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

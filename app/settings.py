@@ -1,0 +1,44 @@
+"""Service settings, read from the environment (prefix `QUAVER_`) with pydantic-settings.
+
+    QUAVER_MODEL_DIR=artifacts/base QUAVER_POSTERIOR_DIR=app/default quaver serve
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_POSTERIOR_DIR = Path(__file__).resolve().parent / "default"
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="QUAVER_", env_file=None, extra="ignore")
+
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=1, le=65535, description="port to bind")
+    model_dir: Path = Field(Path("artifacts/base"), description="base model checkpoint directory")
+    posterior_dir: Path = Field(DEFAULT_POSTERIOR_DIR, description="posterior directory")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="torch device")
+    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$", description="model dtype")
+    default_samples: int = Field(8, ge=1, description="K when a request gives none")
+    max_samples: int = Field(32, ge=1, description="largest K a request may ask for")
+    default_max_risk: float = Field(0.05, gt=0, lt=1, description="risk target when none given")
+    adaptive: bool = Field(True, description="decide at the mean first; sample only near the threshold")
+    adaptive_margin: float = Field(0.15, ge=0, le=1, description="|confidence - threshold| that triggers sampling")
+    max_batch_rows: int = Field(64, ge=1, description="decoder rows (requests x K) per micro-batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
+    queue_size: int = Field(64, ge=1, description="requests waiting before 503")
+    request_timeout_s: float = Field(60.0, gt=0, description="per-request limit incl. queueing")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest audio upload")
+    api_key: str | None = Field(None, description="bearer token required on /answer when set")
+    threads: int = Field(0, ge=0, description="torch threads (0 = torch default)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_samples > self.max_samples:
+            raise ValueError("default_samples must not exceed max_samples")
+        return self

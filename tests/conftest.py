@@ -1,0 +1,84 @@
+"""Shared fixtures: a tiny random-init Qwen2-Audio model and a random posterior, built in-process."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from app.family import AUDIO_TOKEN, DECODER_LINEARS, build_model, tiny_config
+from app.modeling import save_checkpoint
+from app.posterior import LoRASpec, Posterior, save_posterior
+
+WORDS = ["How many beeps are there?", "Which sound is louder?", "first", "second", "rising",
+         "falling", "one", "two", "three", "four", "yes", "no", "Is there a click?"]
+
+
+def make_tiny_checkpoint(path, seed: int = 0):
+    from training.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(WORDS * 5, vocab_size=400)
+    cfg = tiny_config(len(tok), tok.convert_tokens_to_ids(AUDIO_TOKEN), tok.pad_token_id)
+    save_checkpoint(build_model(cfg, seed), tok, path)
+    return path
+
+
+def random_posterior(model, layers=(2, 3), rank: int = 4, seed: int = 0, std: float = 0.05,
+                     calibration: dict | None = None, base_hash: str = "") -> Posterior:
+    gen = torch.Generator().manual_seed(seed)
+    modules = []
+    named = dict(model.named_modules())
+    for layer in layers:
+        for leaf in DECODER_LINEARS:
+            sub = "self_attn" if leaf.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            modules.append(f"model.language_model.layers.{layer}.{sub}.{leaf}")
+    spec = LoRASpec(rank, 2.0 * rank, tuple(modules), tuple(layers), DECODER_LINEARS)
+    mean, sd = {}, {}
+    for m in modules:
+        lin = named[m]
+        for which, shape in (("A", (rank, lin.in_features)), ("B", (lin.out_features, rank))):
+            key = f"{m}.lora_{which}.weight"
+            mean[key] = torch.randn(shape, generator=gen) * 0.1
+            sd[key] = torch.rand(shape, generator=gen) * std + 1e-4
+    meta = {"name": "test-posterior", "base": {"path": "tiny", "config_hash": base_hash},
+            "optimizer": "ivon"}
+    if calibration is not None:
+        meta["calibration"] = calibration
+    return Posterior(spec, mean, sd, meta)
+
+
+CALIBRATION = {"delta": 0.05, "method": "sgr", "n": 100, "targets": [
+    {"max_risk": 0.05, "threshold": 0.9, "coverage": 0.3, "risk_bound": 0.05, "feasible": True},
+    {"max_risk": 0.1, "threshold": 0.6, "coverage": 0.6, "risk_bound": 0.1, "feasible": True},
+    {"max_risk": 0.2, "threshold": 0.4, "coverage": 0.9, "risk_bound": 0.2, "feasible": True},
+    {"max_risk": 0.01, "threshold": None, "coverage": 0.0, "risk_bound": 1.0, "feasible": False},
+]}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def posterior_dir(tiny_dir, tmp_path_factory):
+    from app.modeling import load_checkpoint
+
+    loaded = load_checkpoint(tiny_dir)
+    post = random_posterior(loaded.model, calibration=CALIBRATION, base_hash=loaded.config_hash)
+    return save_posterior(tmp_path_factory.mktemp("post") / "posterior", post)
+
+
+def wav_bytes(wave: np.ndarray, rate: int = 16000, fmt: str = "WAV", channels: int = 1) -> bytes:
+    data = np.stack([wave] * channels, axis=1) if channels > 1 else wave
+    buf = io.BytesIO()
+    sf.write(buf, data, rate, format=fmt)
+    return buf.getvalue()
+
+
+def tone(seconds: float = 1.0, freq: float = 440.0, rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)

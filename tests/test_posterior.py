@@ -1,0 +1,157 @@
+"""Posterior directory: round trip, validation errors, PEFT equivalence, sampling statistics."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from app.lora import PosteriorSampler
+from app.modeling import load_checkpoint
+from app.posterior import POSTERIOR_FILE, PosteriorError, load_posterior
+from app.predict import Predictor, Request
+from tests.conftest import tone
+
+
+def test_round_trip(tiny_dir, posterior_dir):
+    loaded = load_checkpoint(tiny_dir)
+    post = load_posterior(posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model)
+    raw = load_file(posterior_dir / POSTERIOR_FILE)
+    for key, t in post.mean.items():
+        assert torch.equal(t, raw[f"{key}.mean"])
+        assert torch.equal(post.std[key], raw[f"{key}.std"])
+    assert post.spec.first_layer == 2 and post.calibration["targets"]
+
+
+def _corrupt(src, dst, fn):
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / POSTERIOR_FILE)
+    fn(tensors)
+    save_file(tensors, dst / POSTERIOR_FILE)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("name", "mutate", "message"),
+    [
+        ("missing", lambda t: t.pop(next(k for k in t if k.endswith(".std"))), "missing tensor"),
+        ("nan", lambda t: t[next(iter(t))].view(-1).__setitem__(0, float("nan")), "NaN"),
+        ("shape", lambda t: t.__setitem__(next(k for k in t if "lora_A" in k and k.endswith(
+            ".mean")), torch.zeros(4, 3)), "shape"),
+        ("dtype", lambda t: t.__setitem__(next(iter(t)), t[next(iter(t))].half()), "float32"),
+    ],
+)
+def test_bad_posterior_is_refused(tiny_dir, posterior_dir, tmp_path, name, mutate, message):
+    loaded = load_checkpoint(tiny_dir)
+    bad = _corrupt(posterior_dir, tmp_path / name, mutate)
+    with pytest.raises(PosteriorError, match=message):
+        load_posterior(bad, expected_config_hash=loaded.config_hash, model=loaded.model)
+
+
+def test_other_base_and_missing_meta_are_refused(tiny_dir, posterior_dir, tmp_path):
+    loaded = load_checkpoint(tiny_dir)
+    with pytest.raises(PosteriorError, match="config hash"):
+        load_posterior(posterior_dir, expected_config_hash="0" * 64, model=loaded.model)
+    d = tmp_path / "nometa"
+    shutil.copytree(posterior_dir, d)
+    (d / "quaver.json").unlink()
+    with pytest.raises(PosteriorError, match="missing quaver.json"):
+        load_posterior(d)
+    meta = json.loads((posterior_dir / "quaver.json").read_text())
+    meta["format_version"] = 99
+    d2 = tmp_path / "version"
+    shutil.copytree(posterior_dir, d2)
+    (d2 / "quaver.json").write_text(json.dumps(meta))
+    with pytest.raises(PosteriorError, match="format_version"):
+        load_posterior(d2)
+    with pytest.raises(PosteriorError, match="does not exist"):
+        load_posterior(tmp_path / "nowhere")
+
+
+def _prepared(predictor, seconds=2.0, freq=440.0, k=3):
+    return predictor.prepare(tone(seconds, freq), "How many beeps are there?",
+                             ["one", "two", "three", "four"][:k])
+
+
+def test_mean_matches_stock_peft_adapter(tiny_dir, posterior_dir):
+    from peft import PeftModel
+
+    from app.forward import collate, letter_log_probs
+
+    loaded = load_checkpoint(tiny_dir)
+    post = load_posterior(posterior_dir, model=loaded.model)
+    peft_base = copy.deepcopy(loaded.model)
+    predictor = Predictor(loaded, post)
+    prep = _prepared(predictor)
+    [ours] = predictor.predict([Request(prep, samples=1)])
+    peft_model = PeftModel.from_pretrained(peft_base, posterior_dir).eval()
+    batch = collate([prep.prompt], [prep.audio], loaded.tokenizer.pad_token_id)
+    with torch.no_grad():
+        ref = letter_log_probs(peft_model.base_model.model, batch, loaded.letter_ids)[0, :3].exp()
+    torch.testing.assert_close(torch.from_numpy(ours.probs), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_samples_have_the_exported_std(tiny_dir, posterior_dir):
+    loaded = load_checkpoint(tiny_dir)
+    post = load_posterior(posterior_dir, model=loaded.model)
+    sampler = PosteriorSampler(post, torch.device("cpu"), torch.float32)
+    factors = sampler.draw(4000, torch.Generator().manual_seed(0))
+    r = post.spec.rank
+    for module in post.spec.modules[:3]:
+        a, b = factors[module]
+        m_a, s_a = post.factor(module, "A")
+        emp = a[:, :r].std(0)  # (r, in): the sampled A rows
+        assert torch.allclose(a[:, r:], m_a.expand(len(a), -1, -1))
+        ratio = emp / s_a
+        assert ratio.mean().item() == pytest.approx(1.0, abs=0.05)
+        m_b, s_b = post.factor(module, "B")
+        emp_b = (b[:, :, :r] / post.spec.scale).std(0)
+        assert (emp_b / s_b).mean().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_sampled_rows_equal_explicit_weight_perturbation(tiny_dir, posterior_dir):
+    """Row k of the batched pass == a plain model whose weights are W + s * B_k @ A_k."""
+    from app.forward import collate, letter_log_probs
+
+    loaded = load_checkpoint(tiny_dir)
+    plain = copy.deepcopy(loaded.model)
+    post = load_posterior(posterior_dir, model=loaded.model)
+    predictor = Predictor(loaded, post)
+    prep = _prepared(predictor)
+    [pred] = predictor.predict([Request(prep, samples=3, seed=7)])
+    factors = predictor.sampler.draw(3, torch.Generator().manual_seed(7))
+    r = post.spec.rank
+    modules = dict(plain.named_modules())
+    batch = collate([prep.prompt], [prep.audio], loaded.tokenizer.pad_token_id)
+    for k in range(3):
+        model_k = copy.deepcopy(plain)
+        mods = dict(model_k.named_modules())
+        with torch.no_grad():
+            for name in post.spec.modules:
+                a, b = factors[name]
+                a_k, b_k = a[k, :r], b[k, :, :r]  # scale already folded into b
+                mods[name].weight += b_k @ a_k
+            ref = letter_log_probs(model_k, batch, loaded.letter_ids)[0, :3].exp()
+        torch.testing.assert_close(torch.from_numpy(pred.sample_probs[k]), ref, atol=1e-5,
+                                   rtol=1e-4)
+    assert modules  # the plain copy stayed untouched by the predictor
+    assert not torch.equal(torch.from_numpy(pred.sample_probs[0]), torch.from_numpy(
+        pred.sample_probs[1]))
+
+
+def test_batched_equals_unbatched_and_seeds(tiny_dir, posterior_dir):
+    loaded = load_checkpoint(tiny_dir)
+    predictor = Predictor(loaded, load_posterior(posterior_dir, model=loaded.model))
+    p1, p2 = _prepared(predictor, 1.0, 300.0, 2), _prepared(predictor, 4.0, 900.0, 4)
+    together = predictor.predict([Request(p1, 4, seed=1), Request(p2, 1), Request(p2, 8, seed=2)])
+    alone = [predictor.predict([r])[0] for r in
+             (Request(p1, 4, seed=1), Request(p2, 1), Request(p2, 8, seed=2))]
+    for a, b in zip(together, alone, strict=True):
+        torch.testing.assert_close(torch.from_numpy(a.sample_probs), torch.from_numpy(
+            b.sample_probs), atol=1e-5, rtol=1e-4)
+    other = predictor.predict([Request(p1, 4, seed=2)])[0]
+    assert not torch.allclose(torch.from_numpy(other.sample_probs),
+                              torch.from_numpy(alone[0].sample_probs))
+    assert alone[2].mutual_information >= 0 and 0 <= alone[2].agreement <= 1

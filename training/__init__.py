@@ -1,0 +1,1 @@
+"""Quaver training pipeline: data, IVON fine-tuning, export, evaluation."""

@@ -1,0 +1,62 @@
+"""Benchmark items -> model inputs, computed once and kept in memory for training.
+
+Features are the same log-mel windows the server computes (app.audio), stored as float16 to halve
+memory; the prompt ids come from the same PromptBuilder. Labels are answer indices.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from app.forward import PromptBatch, collate
+from app.modeling import LoadedModel
+from app.predict import Prepared
+from training.data.manifest import Item, load_audio_file, read_manifest
+
+
+@dataclass
+class Example:
+    prepared: Prepared
+    label: int
+    item: Item
+
+
+def prepare_split(
+    loaded: LoadedModel, data_dir: Path, split: str, limit: int | None = None, progress: bool = True
+) -> list[Example]:
+    """Decode, featurise and tokenize every item of a split (progress bar)."""
+    items = read_manifest(Path(data_dir), split)
+    if limit is not None:
+        items = items[:limit]
+    out = []
+    for item in tqdm(items, desc=f"prepare {split}", disable=not progress, leave=False):
+        wave = load_audio_file(Path(data_dir), item)
+        feats = loaded.features(wave)
+        feats = replace(feats, features=feats.features.half())
+        n_audio = loaded.family.audio_tokens_for_frames(feats.n_frames)
+        prompt = loaded.prompts.build(n_audio, item.question, list(item.choices))
+        out.append(Example(Prepared(feats, prompt, tuple(item.choices)), item.answer_index, item))
+    return out
+
+
+def make_batch(examples: list[Example], pad_id: int) -> tuple[PromptBatch, torch.Tensor]:
+    batch = collate([e.prepared.prompt for e in examples], [e.prepared.audio for e in examples], pad_id)
+    return batch, torch.tensor([e.label for e in examples], dtype=torch.long)
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled index batches for one epoch, reproducible from (seed, epoch)."""
+    idx = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(idx)
+    return [idx[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def iterate(examples: list, batch_size: int) -> Iterator[list]:
+    for i in range(0, len(examples), batch_size):
+        yield examples[i : i + batch_size]

@@ -1,0 +1,186 @@
+"""`quaver`: one command line for the whole project.
+
+    quaver data --out data/bench                 # synthetic audio-QA benchmark
+    quaver build-base --out artifacts/base       # embedded default's base, from pinned packages
+    quaver train --config configs/tiny-ivon.yaml # stage 1 (pretrain) or stage 2 (LoRA fine-tune)
+    quaver pipeline --work .                     # data -> tiny base -> IVON + AdamW -> evaluate
+    quaver ask clip.wav --question "..." --choice a --choice b
+    quaver serve                                 # the web service (app/)
+
+Each subcommand is a plain function; heavy modules are imported inside them so `quaver --help`
+stays instant and `serve`/`ask` never import the training pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from training.data.generate import BenchmarkConfig, generate_benchmark
+
+    sizes = {}
+    for spec in args.size or []:
+        split, _, n = spec.partition("=")
+        sizes[split] = int(n)
+    cfg = BenchmarkConfig(seed=args.seed, **({"sizes": {**BenchmarkConfig().sizes, **sizes}} if sizes else {}))
+    out = generate_benchmark(cfg, Path(args.out))
+    print(f"benchmark written to {out}")
+
+
+def cmd_build_base(args: argparse.Namespace) -> None:
+    from training.base_model import build_base
+
+    print(f"base model at {build_base(Path(args.out), force=args.force)}")
+
+
+def _is_finetune(path: Path) -> bool:
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    return "base_dir" in data or "optimizer" in data
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from training.config import FinetuneConfig, PretrainConfig, load_config
+
+    path = Path(args.config)
+    if _is_finetune(path):
+        from training.finetune import finetune
+
+        cfg = load_config(path, FinetuneConfig, _overrides(args.set))
+        print(f"posterior exported to {finetune(cfg)}")
+    else:
+        from training.pretrain import pretrain
+
+        cfg = load_config(path, PretrainConfig, _overrides(args.set))
+        print(f"base checkpoint at {pretrain(cfg)}")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    """The tiny pipeline end to end, timed: data -> stage 1 -> IVON and AdamW -> evaluation."""
+    from training.config import FinetuneConfig, PretrainConfig, load_config
+    from training.data.generate import BenchmarkConfig, generate_benchmark
+    from training.finetune import finetune
+    from training.pretrain import pretrain
+
+    work = Path(args.work)
+    configs = Path(args.configs)
+    data_dir = work / "data" / "bench"
+    times = {}
+    t = time.time()
+    generate_benchmark(BenchmarkConfig(seed=args.seed), data_dir)
+    times["data_s"] = time.time() - t
+    t = time.time()
+    pre = load_config(configs / "tiny-pretrain.yaml", PretrainConfig,
+                      {"data_dir": str(data_dir), "out_dir": str(work / "artifacts" / "tiny-base")})
+    base = pretrain(pre)
+    times["pretrain_s"] = time.time() - t
+    posts = {}
+    for name in ("ivon", "adamw"):
+        t = time.time()
+        cfg = load_config(configs / f"tiny-{name}.yaml", FinetuneConfig,
+                          {"data_dir": str(data_dir), "base_dir": str(base),
+                           "out_dir": str(work / "runs" / f"tiny-{name}")})
+        posts[name] = finetune(cfg)
+        times[f"{name}_s"] = time.time() - t
+    t = time.time()
+    try:
+        from training.evaluate import evaluate_posterior
+    except ImportError:
+        evaluate_posterior = None
+    results = {}
+    if evaluate_posterior is not None:
+        for name, post in posts.items():
+            results[name] = evaluate_posterior(base, post, data_dir, "test", samples=1)
+        times["evaluate_s"] = time.time() - t
+    times["total_s"] = sum(times.values())
+    summary = {"times": times, "test": results, "base": str(base),
+               "posteriors": {k: str(v) for k, v in posts.items()}}
+    (work / "pipeline.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(json.dumps(summary, indent=2, default=float))
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from app.ask import ask
+
+    result = ask(Path(args.audio), args.question, args.choice, model_dir=args.model,
+                 posterior_dir=args.posterior, samples=args.samples, seed=args.seed)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from app.server import serve
+
+    serve(host=args.host, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quaver", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="generate the synthetic audio-QA benchmark")
+    d.add_argument("--out", default="data/bench")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--size", action="append", metavar="SPLIT=N", help="override a split's size")
+    d.set_defaults(func=cmd_data)
+
+    b = sub.add_parser("build-base", help="assemble the embedded default's base model")
+    b.add_argument("--out", default="artifacts/base")
+    b.add_argument("--force", action="store_true")
+    b.set_defaults(func=cmd_build_base)
+
+    t = sub.add_parser("train", help="run a training stage from a YAML config")
+    t.add_argument("--config", required=True)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    t.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("pipeline", help="tiny pipeline end to end (data, train, evaluate)")
+    pl.add_argument("--work", default=".")
+    pl.add_argument("--configs", default=str(Path(__file__).resolve().parent.parent / "configs"))
+    pl.add_argument("--seed", type=int, default=0)
+    pl.set_defaults(func=cmd_pipeline)
+
+    a = sub.add_parser("ask", help="answer one question about an audio file")
+    a.add_argument("audio")
+    a.add_argument("--question", required=True)
+    a.add_argument("--choice", action="append", required=True)
+    a.add_argument("--model", default=None, help="model directory (default: embedded default)")
+    a.add_argument("--posterior", default=None, help="posterior directory")
+    a.add_argument("--samples", type=int, default=8)
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=cmd_ask)
+
+    s = sub.add_parser("serve", help="run the web service")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Typed configs of the training pipeline, loaded from YAML (`configs/*.yaml`).
+
+Every field has a comment saying what it does; `__post_init__` validates up front so a bad config
+fails before any work starts. YAML files hold plain values only (no class names).
+
+    cfg = load_config("configs/tiny-ivon.yaml", FinetuneConfig)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from app.family import DECODER_LINEARS
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used."""
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA alpha; the update is (alpha / r) * B @ A
+    target_modules: tuple[str, ...] = DECODER_LINEARS  # leaf Linear names in each decoder layer
+    top_layers: int | None = None  # LoRA only in the top N decoder layers (None = all layers)
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.rank < 1 or self.alpha <= 0:
+            raise ConfigError(f"lora: rank must be >= 1 and alpha > 0, got {self.rank}, {self.alpha}")
+        bad = set(self.target_modules) - set(DECODER_LINEARS)
+        if bad or not self.target_modules:
+            raise ConfigError(f"lora.target_modules must be a subset of {DECODER_LINEARS}, got {bad}")
+        if self.top_layers is not None and self.top_layers < 1:
+            raise ConfigError("lora.top_layers must be >= 1 or null (all layers)")
+
+    def layers(self, num_layers: int) -> tuple[int, ...]:
+        n = num_layers if self.top_layers is None else min(self.top_layers, num_layers)
+        return tuple(range(num_layers - n, num_layers))
+
+
+@dataclass
+class IVONConfig:
+    lr: float = 0.03  # learning rate of the mean (cosine-decayed when `cosine`)
+    ess: float = 1e7  # effective sample size lambda (inverse temperature of the posterior)
+    hess_init: float = 1e-3  # initial Hessian estimate h0; initial std = 1/sqrt(ess*(h0+wd))
+    beta1: float = 0.9  # momentum of the gradient
+    beta2: float = 0.99999  # decay of the Hessian estimate (lower it for short runs)
+    weight_decay: float = 0.0  # weight decay = prior precision delta
+    clip_radius: float = 1e-3  # elementwise clip of the preconditioned step (inf = none)
+    mc_samples: int = 1  # weight samples (forward/backward passes) per training step
+    rescale_lr: bool = False  # multiply lr by (hess_init + wd), the reference's default mode
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.ess <= 0 or self.hess_init <= 0:
+            raise ConfigError("ivon: lr, ess and hess_init must be positive")
+        if not (0 <= self.beta1 < 1 and 0 < self.beta2 < 1):
+            raise ConfigError("ivon: need 0 <= beta1 < 1 and 0 < beta2 < 1")
+        if self.weight_decay < 0 or self.clip_radius <= 0 or self.mc_samples < 1:
+            raise ConfigError("ivon: weight_decay >= 0, clip_radius > 0, mc_samples >= 1")
+
+    @property
+    def initial_std(self) -> float:
+        return 1.0 / math.sqrt(self.ess * (self.hess_init + self.weight_decay))
+
+
+@dataclass
+class AdamWConfig:
+    lr: float = 5e-5  # learning rate (cosine-decayed when `cosine`)
+    weight_decay: float = 0.0  # decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam moment decays
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError("adamw: lr must be positive and weight_decay >= 0")
+
+
+@dataclass
+class PretrainConfig:
+    """Stage 1: build and train the tiny base model (full weights, AdamW) on `pretrain`."""
+
+    data_dir: Path = Path("data/bench")  # benchmark directory (from `quaver data`)
+    out_dir: Path = Path("artifacts/tiny-base")  # checkpoint directory written at the end
+    split: str = "pretrain"  # training split
+    eval_split: str = "calib"  # split whose accuracy is logged per epoch
+    vocab_size: int = 1024  # tokenizer vocabulary (trained on the benchmark text)
+    epochs: int = 6  # passes over the split
+    batch_size: int = 16  # prompts per step
+    lr: float = 2e-3  # AdamW learning rate (cosine with warm-up)
+    warmup_steps: int = 50  # linear warm-up steps
+    weight_decay: float = 0.01  # AdamW weight decay
+    seed: int = 0  # seed of init, shuffling and dropout
+    threads: int = 0  # torch threads (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("pretrain: epochs, batch_size and lr must be positive")
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2: LoRA fine-tuning on `train` with IVON or AdamW through the same loop."""
+
+    base_dir: Path = Path("artifacts/tiny-base")  # base checkpoint (stage 1 output or build-base)
+    data_dir: Path = Path("data/bench")  # benchmark directory
+    out_dir: Path = Path("runs/tiny-ivon")  # run directory: checkpoints, log, exported posterior
+    optimizer: str = "ivon"  # "ivon" or "adamw"
+    split: str = "train"  # fine-tuning split
+    eval_split: str = "calib"  # split evaluated per epoch (never `test`)
+    epochs: int = 3  # passes over the split
+    batch_size: int = 8  # prompts per step
+    cosine: bool = True  # cosine decay of the learning rate to 0
+    seed: int = 0  # seed of LoRA init, shuffling and IVON noise
+    limit: int | None = None  # use only the first N training items (None = all)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # where the adapters sit
+    ivon: IVONConfig = field(default_factory=IVONConfig)  # used when optimizer == "ivon"
+    adamw: AdamWConfig = field(default_factory=AdamWConfig)  # used when optimizer == "adamw"
+    checkpoint_every: int = 50  # steps between resumable checkpoints
+    threads: int = 0  # torch threads (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        self.base_dir, self.data_dir, self.out_dir = (
+            Path(self.base_dir), Path(self.data_dir), Path(self.out_dir))
+        if self.optimizer not in ("ivon", "adamw"):
+            raise ConfigError(f"optimizer must be 'ivon' or 'adamw', got {self.optimizer!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("finetune: epochs and batch_size must be >= 1")
+        if self.eval_split == "test":
+            raise ConfigError("eval_split must not be 'test': tune on calib, report on test")
+
+
+def _build(cls, data: dict):
+    """Instantiate dataclass `cls` from a dict, recursing into dataclass-typed fields."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = _build(hint, value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from exc
+
+
+def load_config(path: str | Path, cls, overrides: dict | None = None):
+    """Read a YAML file into config dataclass `cls`; `overrides` (dotted keys) win."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return _build(cls, data)
+
+
+def to_dict(cfg) -> dict:
+    """JSON-friendly dict of a config dataclass (paths and tuples as JSON types)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

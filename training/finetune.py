@@ -1,0 +1,224 @@
+"""Stage 2: LoRA fine-tuning on `train` with IVON or AdamW through one loop; exports a posterior.
+
+    quaver train --config configs/tiny-ivon.yaml     # or configs/tiny-adamw.yaml
+
+The base model is frozen; PEFT LoRA adapters sit on the configured Linear layers of the top N
+decoder layers. Because nothing below the first LoRA layer trains, each clip's hidden states
+entering that layer are computed once and cached: a step runs only the LoRA layers above.
+IVON draws one weight sample per MC sample per step inside `sampled_params` (the mean is restored
+even if the step raises) and learns a Gaussian posterior (mean m, std s) over the LoRA weights;
+AdamW learns a point estimate (exported with std 0). The run directory gets a resumable state,
+`log.jsonl` per epoch, and `posterior/` in the format of app.posterior.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm import tqdm
+
+from app.forward import choice_log_probs, prefix_hidden, suffix_letter_logits
+from app.modeling import LoadedModel, load_checkpoint
+from app.posterior import LoRASpec, Posterior, save_posterior
+from training.batches import Example, epoch_order, make_batch, prepare_split
+from training.checkpoint import append_log, fingerprint, load_state, save_state
+from training.config import FinetuneConfig, to_dict
+from training.ivon import IVON
+
+
+def lora_spec(loaded: LoadedModel, cfg: FinetuneConfig) -> LoRASpec:
+    layers = cfg.lora.layers(loaded.num_layers)
+    modules = []
+    lm_layers = loaded.family.language_model(loaded.model).layers
+    for i in layers:
+        prefix = loaded.family.decoder_layer_prefix(i)
+        for name, _ in lm_layers[i].named_modules():
+            if name.rsplit(".", 1)[-1] in cfg.lora.target_modules:
+                modules.append(f"{prefix}.{name}")
+    return LoRASpec(cfg.lora.rank, cfg.lora.alpha, tuple(modules), layers, cfg.lora.target_modules)
+
+
+def module_of(param_name: str) -> tuple[str, str]:
+    """PEFT parameter name -> (module path in the base model, "A" or "B")."""
+    # e.g. base_model.model.model.language_model.layers.3.mlp.up_proj.lora_A.default.weight
+    name = param_name.removeprefix("base_model.model.")
+    head, _, tail = name.partition(".lora_")
+    return head, tail[0]
+
+
+class CachedPrefix:
+    """Hidden states entering the first LoRA layer, per example (computed once, frozen base)."""
+
+    def __init__(self, model, examples: list[Example], split: int, pad_id: int, progress: bool):
+        self.hidden: list[torch.Tensor] = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(examples), 16), desc="cache prefix", disable=not progress,
+                          leave=False):
+                chunk = examples[i : i + 16]
+                batch, _ = make_batch(chunk, pad_id)
+                h = prefix_hidden(model, batch, split)  # (b, T, d)
+                for j, ex in enumerate(chunk):
+                    self.hidden.append(h[j, : len(ex.prepared.prompt.ids)].clone())
+
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        hs = [self.hidden[i] for i in idx]
+        lengths = torch.tensor([len(h) for h in hs])
+        out = hs[0].new_zeros(len(hs), int(lengths.max()), hs[0].shape[-1])
+        for j, h in enumerate(hs):
+            out[j, : len(h)] = h
+        return out, lengths
+
+
+def _log_probs(model, cache, examples, idx, split, letter_ids):
+    h, lengths = cache.batch(idx)
+    n_choices = torch.tensor([examples[i].prepared.prompt.n_choices for i in idx])
+    logits = suffix_letter_logits(model, h, lengths, split, letter_ids)
+    return choice_log_probs(logits, n_choices)
+
+
+@torch.no_grad()
+def evaluate_mean(model, cache, examples, split, letter_ids) -> dict:
+    """Accuracy / NLL / mean confidence of the current mean weights."""
+    lps = []
+    for i in range(0, len(examples), 32):
+        idx = list(range(i, min(len(examples), i + 32)))
+        lps.append(_log_probs(model, cache, examples, idx, split, letter_ids))
+    lp = torch.cat(lps)
+    labels = torch.tensor([e.label for e in examples])
+    return {"acc": float((lp.argmax(-1) == labels).float().mean()),
+            "nll": float(-lp.gather(1, labels[:, None]).mean()),
+            "conf": float(lp.exp().max(-1).values.mean())}
+
+
+def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
+    """Run stage 2 and export; returns the posterior directory."""
+    post_dir = cfg.out_dir / "posterior"
+    if (post_dir / "quaver.json").exists():
+        print(f"[finetune] {post_dir} exists: nothing to do")
+        return post_dir
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    loaded = load_checkpoint(cfg.base_dir)
+    spec = lora_spec(loaded, cfg)
+    split = spec.first_layer
+    train = prepare_split(loaded, cfg.data_dir, cfg.split, cfg.limit, progress)
+    evals = prepare_split(loaded, cfg.data_dir, cfg.eval_split, progress=progress)
+    pad = loaded.tokenizer.pad_token_id
+    base = loaded.model
+    for p in base.parameters():
+        p.requires_grad_(False)
+    train_cache = CachedPrefix(base, train, split, pad, progress)
+    eval_cache = CachedPrefix(base, evals, split, pad, progress)
+    peft_model = get_peft_model(base, LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
+        target_modules=spec.peft_target_regex()))
+    model = peft_model.base_model.model  # the Qwen2-Audio model, LoRA layers injected
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if cfg.optimizer == "ivon":
+        ic = cfg.ivon
+        opt = IVON(params, lr=ic.lr, ess=ic.ess, hess_init=ic.hess_init, beta1=ic.beta1,
+                   beta2=ic.beta2, weight_decay=ic.weight_decay, clip_radius=ic.clip_radius,
+                   mc_samples=ic.mc_samples, rescale_lr=ic.rescale_lr, seed=cfg.seed)
+        base_lr, mc = ic.lr, ic.mc_samples
+    else:
+        ac = cfg.adamw
+        opt = torch.optim.AdamW(params, lr=ac.lr, betas=ac.betas, weight_decay=ac.weight_decay)
+        base_lr, mc = ac.lr, 1
+    total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
+    fp = fingerprint(to_dict(cfg))
+    state = load_state(cfg.out_dir, fp)
+    start_epoch, step, skip = 0, 0, 0
+    if state is not None:
+        for (_, p), saved in zip(named, state["params"], strict=True):
+            p.data.copy_(saved)
+        opt.load_state_dict(state["opt"])
+        start_epoch, step, skip = state["epoch"], state["step"], state["batch_in_epoch"]
+        print(f"[finetune] resuming at epoch {start_epoch + 1}, step {step}")
+    letter_ids = loaded.letter_ids
+    t0 = time.time()
+
+    def checkpoint(epoch: int, batch_in_epoch: int) -> None:
+        save_state(cfg.out_dir, {"fingerprint": fp, "params": [p.detach().clone() for p in params],
+                                 "opt": opt.state_dict(), "epoch": epoch, "step": step,
+                                 "batch_in_epoch": batch_in_epoch})
+
+    for epoch in range(start_epoch, cfg.epochs):
+        order = epoch_order(len(train), cfg.batch_size, cfg.seed, epoch)
+        losses, hits, seen = [], 0, 0
+        bar = tqdm(order, desc=f"{cfg.optimizer} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, initial=skip, total=len(order))
+        for b, idx in enumerate(order):
+            if b < skip:
+                continue
+            lr = base_lr * (0.5 * (1 + math.cos(math.pi * step / total)) if cfg.cosine else 1.0)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            labels = torch.tensor([train[i].label for i in idx])
+            opt.zero_grad(set_to_none=True)
+            for _ in range(mc):
+                ctx = opt.sampled_params(train=True) if cfg.optimizer == "ivon" else _null()
+                with ctx:
+                    lp = _log_probs(model, train_cache, train, idx, split, letter_ids)
+                    loss = torch.nn.functional.nll_loss(lp, labels)
+                    loss.backward()
+                losses.append(loss.item())
+            opt.step()
+            step += 1
+            hits += int((lp.argmax(-1) == labels).sum())
+            seen += len(idx)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            if step % cfg.checkpoint_every == 0:
+                checkpoint(epoch, b + 1)
+        bar.close()
+        skip = 0
+        record = {"stage": "finetune", "optimizer": cfg.optimizer, "epoch": epoch + 1,
+                  "step": step, "loss": sum(losses) / max(1, len(losses)),
+                  "train_acc": hits / max(1, seen), "elapsed_s": time.time() - t0,
+                  **{f"{cfg.eval_split}_{k}": v for k, v in
+                     evaluate_mean(model, eval_cache, evals, split, letter_ids).items()}}
+        if cfg.optimizer == "ivon":
+            record["hessian"] = opt.hessian_stats()
+            record["std_median"] = float(torch.cat([opt.posterior_std(p).flatten() for p in params]).median())
+        print(f"[finetune] {record}")
+        append_log(cfg.out_dir, record)
+        checkpoint(epoch + 1, 0)
+    return export(cfg, loaded, spec, named, opt, time.time() - t0)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def export(cfg: FinetuneConfig, loaded: LoadedModel, spec: LoRASpec, named, opt, train_s: float) -> Path:
+    """Write `<out_dir>/posterior` (app.posterior format) from the trained LoRA parameters."""
+    mean, std = {}, {}
+    for name, p in named:
+        module, which = module_of(name)
+        key = f"{module}.lora_{which}.weight"
+        mean[key] = p.detach().float().clone()
+        std[key] = (opt.posterior_std(p).float().clone() if cfg.optimizer == "ivon"
+                    else torch.zeros_like(mean[key]))
+    dataset_meta = json.loads((cfg.data_dir / "dataset.json").read_text())
+    meta = {
+        "name": cfg.out_dir.name,
+        "base": {"path": str(cfg.base_dir), "config_hash": loaded.config_hash},
+        "optimizer": cfg.optimizer,
+        "hyperparameters": to_dict(cfg),
+        "data": {"dir": str(cfg.data_dir), "split": cfg.split,
+                 "fingerprint": dataset_meta.get("fingerprint")},
+        "train_seconds": round(train_s, 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return save_posterior(cfg.out_dir / "posterior", Posterior(spec, mean, std, meta))
