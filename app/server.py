@@ -165,21 +165,28 @@ class BodyLimit:
         too_big = PayloadTooLarge(f"upload larger than {self.limit} bytes")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._reject(scope, send, too_big)
-        seen = 0
+        seen, overflow = 0, False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, overflow
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    overflow = True
                     raise _BodyTooLarge
             return message
 
+        async def guarded_send(message):
+            if not overflow:  # the app's own reply to a cut-off body is replaced by the 413
+                await send(message)
+
         try:
-            return await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
-            return await self._reject(scope, send, too_big)
+            pass
+        if overflow:
+            await self._reject(scope, send, too_big)
 
     async def _reject(self, scope, send, err: QuaverError):
         self.metrics.errors.labels(type=err.type).inc()

@@ -55,6 +55,7 @@ CALIBRATION = {"delta": 0.05, "method": "sgr", "n": 100, "targets": [
     {"max_risk": 0.1, "threshold": 0.6, "coverage": 0.6, "risk_bound": 0.1, "feasible": True},
     {"max_risk": 0.2, "threshold": 0.4, "coverage": 0.9, "risk_bound": 0.2, "feasible": True},
     {"max_risk": 0.01, "threshold": None, "coverage": 0.0, "risk_bound": 1.0, "feasible": False},
+    {"max_risk": 0.5, "threshold": 0.0, "coverage": 1.0, "risk_bound": 0.5, "feasible": True},
 ]}
 
 

@@ -1,0 +1,232 @@
+"""The web API: contract, every bad input, concurrency, metrics, readiness, API key."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.server import create_app, load_predictor
+from app.settings import Settings
+from tests.conftest import tone, wav_bytes
+
+QUESTION = "How many beeps are there?"
+CHOICES = ["one", "two", "three"]
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_dir, posterior_dir):
+    return Settings(model_dir=tiny_dir, posterior_dir=posterior_dir, max_upload_bytes=400_000,
+                    max_samples=16, default_samples=4, adaptive=False)
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    app = create_app(settings, load_in_background=False)
+    with TestClient(app) as c:
+        yield c
+
+
+def post(client, audio=None, data=None, filename="clip.wav", ctype="audio/wav", **kw):
+    audio = wav_bytes(tone(1.5)) if audio is None else audio
+    form = {"question": QUESTION, "choices": CHOICES}
+    form.update(data or {})
+    form = {k: v for k, v in form.items() if v is not None}
+    return client.post("/answer", files={"audio": (filename, audio, ctype)}, data=form, **kw)
+
+
+def test_answer_contract(client):
+    r = post(client, data={"samples": "4", "max_risk": "0.1", "seed": "3"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["answer"] in CHOICES and body["answer"] == CHOICES[body["answer_index"]]
+    assert set(body["probabilities"]) == set(CHOICES)
+    assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["confidence"] == pytest.approx(max(body["probabilities"].values()))
+    assert body["threshold"] == 0.6 and body["max_risk"] == 0.1
+    assert body["abstain"] == (body["confidence"] < 0.6)
+    assert body["samples"] == 4
+    assert set(body["uncertainty"]) == {"entropy", "mutual_information", "agreement"}
+    assert body["model"]["posterior"] == "test-posterior"
+    assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"] > 0
+    again = post(client, data={"samples": "4", "max_risk": "0.1", "seed": "3"}).json()
+    assert again["probabilities"] == body["probabilities"]
+
+
+def test_formats_rates_and_channels(client):
+    for fmt, rate, channels, ctype in (("FLAC", 44100, 2, "audio/flac"),
+                                       ("OGG", 22050, 1, "audio/ogg"),
+                                       ("WAV", 8000, 3, "audio/x-wav")):
+        audio = wav_bytes(tone(1.0, rate=rate), rate=rate, fmt=fmt, channels=channels)
+        r = post(client, audio=audio, ctype=ctype, filename=f"clip.{fmt.lower()}")
+        assert r.status_code == 200, (fmt, r.text)
+
+
+def test_always_abstain_and_always_answer_targets(client):
+    r = post(client, data={"max_risk": "0.01"}).json()
+    assert r["abstain"] is True and r["threshold"] is None
+    r = post(client, data={"max_risk": "0.5"}).json()
+    assert r["abstain"] is False and r["threshold"] == 0.0
+
+
+BAD = [
+    ("empty file", dict(audio=b""), 422, "invalid_input"),
+    ("corrupt file", dict(audio=b"RIFF\x00\x00garbage" * 50), 415, "unsupported_media_type"),
+    ("not audio type", dict(ctype="text/plain"), 415, "unsupported_media_type"),
+    ("too long", dict(audio=wav_bytes(tone(11.0), rate=8000)), 413, "audio_too_long"),
+    ("nan samples", dict(audio=wav_bytes(np.full(8000, np.nan, np.float32)) if False else None,
+                         ), 0, ""),
+    ("missing question", dict(data={"question": None}), 422, "invalid_input"),
+    ("empty question", dict(data={"question": "   "}), 422, "invalid_input"),
+    ("one choice", dict(data={"choices": ["one"]}), 422, "invalid_input"),
+    ("duplicate choices", dict(data={"choices": ["one", "One"]}), 422, "invalid_input"),
+    ("eleven choices", dict(data={"choices": [f"c{i}" for i in range(11)]}), 422, "invalid_input"),
+    ("samples zero", dict(data={"samples": "0"}), 422, "invalid_input"),
+    ("samples too many", dict(data={"samples": "17"}), 422, "invalid_input"),
+    ("samples not int", dict(data={"samples": "many"}), 422, "invalid_input"),
+    ("risk out of range", dict(data={"max_risk": "1.5"}), 422, "invalid_input"),
+    ("negative seed", dict(data={"seed": "-1"}), 422, "invalid_input"),
+]
+
+
+@pytest.mark.parametrize(("name", "kw", "status", "etype"), [b for b in BAD if b[2]],
+                         ids=[b[0] for b in BAD if b[2]])
+def test_bad_inputs_get_clear_errors_and_server_stays_healthy(client, name, kw, status, etype):
+    r = post(client, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["type"] == etype and err["message"]
+    assert client.get("/healthz").status_code == 200
+    assert post(client).status_code == 200
+
+
+def test_nan_samples_are_rejected(client):
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.full(8000, np.nan, np.float32), 16000, format="WAV", subtype="FLOAT")
+    r = post(client, audio=buf.getvalue())
+    assert r.status_code == 422 and "NaN" in r.json()["error"]["message"]
+
+
+def test_upload_limit_while_streaming(client):
+    big = b"\x00" * 500_000
+    r = post(client, audio=big)  # declared Content-Length over the limit
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+    def chunks():  # no Content-Length: rejected while streaming
+        yield (b'--zz\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n'
+               b"Content-Type: audio/wav\r\n\r\n")
+        for _ in range(100):
+            yield b"x" * 10_000
+
+    r = client.post("/answer", content=chunks(),
+                    headers={"content-type": "multipart/form-data; boundary=zz"})
+    assert r.status_code == 413
+    assert post(client).status_code == 200
+
+
+def test_concurrent_requests_all_answered_and_deterministic(client):
+    def one(i):
+        return post(client, data={"samples": "4", "seed": str(i % 4)})
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(one, range(64)))
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    by_seed = {}
+    for i, r in enumerate(results):
+        by_seed.setdefault(i % 4, []).append(r.json()["probabilities"])
+    for probs in by_seed.values():
+        for p in probs[1:]:
+            assert p == pytest.approx(probs[0], abs=1e-5)
+    metrics = client.get("/metrics").text
+    assert "quaver_batch_size_count" in metrics
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(
+                f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_move(client):
+    before = client.get("/metrics").text
+    post(client, data={"max_risk": "0.01"})
+    post(client, data={"max_risk": "0.5"})
+    post(client, audio=b"")
+    after = client.get("/metrics").text
+    assert _metric(after, "quaver_answers_total", outcome="abstained") > _metric(
+        before, "quaver_answers_total", outcome="abstained")
+    assert _metric(after, "quaver_answers_total", outcome="answered", max_risk="0.5") == _metric(
+        before, "quaver_answers_total", outcome="answered", max_risk="0.5") + 1
+    assert _metric(after, "quaver_errors_total", type="invalid_input") > _metric(
+        before, "quaver_errors_total", type="invalid_input")
+    assert _metric(after, "quaver_requests_total", route="/answer", status="200") >= 2
+    assert _metric(after, "quaver_ready") == 1
+    assert "quaver_model_info{" in after
+
+
+def test_readyz_false_until_warm_up(settings):
+    gate = threading.Event()
+
+    def slow_loader(s):
+        gate.wait(30)
+        return load_predictor(s)
+
+    app = create_app(settings, loader=slow_loader)
+    with TestClient(app) as c:
+        assert c.get("/healthz").status_code == 200
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = post(c)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
+        gate.set()
+        for _ in range(200):
+            if c.get("/readyz").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        assert c.get("/readyz").status_code == 200
+        assert post(c).status_code == 200
+
+
+def test_failed_load_is_reported(settings, tmp_path):
+    bad = settings.model_copy(update={"posterior_dir": tmp_path / "missing"})
+    with TestClient(create_app(bad, load_in_background=False)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and "does not exist" in r.json()["error"]
+        assert c.get("/healthz").status_code == 200
+
+
+def test_api_key(settings):
+    keyed = settings.model_copy(update={"api_key": "s3cret"})
+    with TestClient(create_app(keyed, load_in_background=False)) as c:
+        assert post(c).status_code == 401
+        assert post(c, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+def test_queue_full_gives_503_with_retry_after(settings):
+    small = settings.model_copy(update={"queue_size": 1, "max_batch_rows": 1})
+    with TestClient(create_app(small, load_in_background=False)) as c:
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(lambda i: post(c, data={"samples": "16"}), range(24)))
+        codes = {r.status_code for r in results}
+        assert 200 in codes and 503 in codes
+        busy = next(r for r in results if r.status_code == 503)
+        assert busy.headers["Retry-After"] and busy.json()["error"]["type"] == "overloaded"
+        assert post(c).status_code == 200
+
+
+def test_index_page_and_openapi(client):
+    assert "Quaver" in client.get("/").text
+    spec = client.get("/openapi.json").json()
+    assert "/answer" in spec["paths"]
