@@ -27,7 +27,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     for spec in args.size or []:
         split, _, n = spec.partition("=")
         sizes[split] = int(n)
-    cfg = BenchmarkConfig(seed=args.seed, **({"sizes": {**BenchmarkConfig().sizes, **sizes}} if sizes else {}))
+    cfg = BenchmarkConfig(seed=args.seed, workers=args.workers, **sizes)
     out = generate_benchmark(cfg, Path(args.out))
     print(f"benchmark written to {out}")
 
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="data/bench")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", action="append", metavar="SPLIT=N", help="override a split's size")
+    d.add_argument("--workers", type=int, default=1, help="rendering processes")
     d.set_defaults(func=cmd_data)
 
     b = sub.add_parser("build-base", help="assemble the embedded default's base model")
