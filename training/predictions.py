@@ -1,0 +1,87 @@
+"""Per-item predictions of a posterior on a benchmark split, cached to disk.
+
+Evaluation, calibration and the report all start from the same arrays: for every item, the
+probabilities of each of K posterior samples (and of the posterior mean). They are computed once
+per (posterior, split, K, seed) through the server's Predictor and stored as .npz next to the
+posterior, so `quaver evaluate`, `quaver calibrate` and the report never recompute them.
+
+    preds = predict_split(base_dir, posterior_dir, data_dir, "test", samples=8)
+    preds.sample_probs   # (n, K, C_max) float32, zero-padded past each item's choices
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from app.modeling import load_checkpoint
+from app.posterior import load_posterior
+from app.predict import Predictor, Request
+from training.data.manifest import load_audio_file, read_manifest
+
+
+@dataclass
+class SplitPredictions:
+    mean_probs: np.ndarray  # (n, C) posterior-mean probabilities (K=1 path)
+    sample_probs: np.ndarray  # (n, K, C) per-sample probabilities (K draws)
+    labels: np.ndarray  # (n,) answer index
+    n_choices: np.ndarray  # (n,)
+    families: np.ndarray  # (n,) str
+
+    def bma(self, k: int | None = None) -> np.ndarray:
+        """BMA probabilities over the first k samples (all when None): (n, C)."""
+        return self.sample_probs[:, :k].mean(1)
+
+
+def _cache_path(posterior_dir: Path, data_dir: Path, split: str, samples: int, seed: int) -> Path:
+    meta = (Path(data_dir) / "dataset.json").read_bytes()
+    post = (Path(posterior_dir) / "posterior.safetensors").read_bytes()
+    key = hashlib.sha256(meta + post + f"{split}|{samples}|{seed}".encode()).hexdigest()[:16]
+    return Path(posterior_dir) / "predictions" / f"{split}-K{samples}-s{seed}-{key}.npz"
+
+
+def predict_split(base_dir: Path, posterior_dir: Path, data_dir: Path, split: str,
+                  samples: int = 8, seed: int = 0, batch_size: int = 8,
+                  progress: bool = True) -> SplitPredictions:
+    """Mean and K-sample probabilities for every item of `split` (cached on disk)."""
+    cache = _cache_path(posterior_dir, data_dir, split, samples, seed)
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        return SplitPredictions(z["mean_probs"], z["sample_probs"], z["labels"], z["n_choices"],
+                                z["families"])
+    loaded = load_checkpoint(base_dir)
+    posterior = load_posterior(posterior_dir, expected_config_hash=loaded.config_hash,
+                               model=loaded.model)
+    predictor = Predictor(loaded, posterior)
+    items = read_manifest(Path(data_dir), split)
+    c_max = max(len(i.choices) for i in items)
+    mean = np.zeros((len(items), c_max), np.float32)
+    samp = np.zeros((len(items), samples, c_max), np.float32)
+    torch.manual_seed(seed)
+    for start in tqdm(range(0, len(items), batch_size), desc=f"predict {split} K={samples}",
+                      disable=not progress):
+        chunk = items[start : start + batch_size]
+        prepared = [predictor.prepare(load_audio_file(Path(data_dir), it), it.question,
+                                      list(it.choices)) for it in chunk]
+        reqs = [Request(p, samples=1) for p in prepared]
+        if samples > 1:
+            reqs += [Request(p, samples=samples, seed=seed * 1_000_003 + start + j)
+                     for j, p in enumerate(prepared)]
+        preds = predictor.predict(reqs)
+        for j, it in enumerate(chunk):
+            c = len(it.choices)
+            mean[start + j, :c] = preds[j].probs
+            samp[start + j, :, :c] = preds[len(chunk) + j].sample_probs if samples > 1 \
+                else preds[j].sample_probs
+    out = SplitPredictions(mean, samp, np.array([i.answer_index for i in items]),
+                           np.array([len(i.choices) for i in items]),
+                           np.array([i.family for i in items]))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(cache, mean_probs=out.mean_probs, sample_probs=out.sample_probs,
+                        labels=out.labels, n_choices=out.n_choices, families=out.families)
+    return out
