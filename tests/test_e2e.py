@@ -1,0 +1,96 @@
+"""End to end on the tiny model: benchmark -> stage 1 -> IVON LoRA -> export -> serve -> POST.
+
+This is the real pipeline at toy sizes (a few dozen clips, one or two epochs), through the same
+CLI functions a user runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.modeling import load_checkpoint
+from app.posterior import load_posterior
+from app.server import create_app
+from app.settings import Settings
+from training.config import FinetuneConfig, PretrainConfig
+from training.data.generate import BenchmarkConfig, generate_benchmark
+from training.data.manifest import read_manifest
+from training.finetune import finetune
+from training.pretrain import pretrain
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    data = generate_benchmark(
+        BenchmarkConfig(seed=3, pretrain=48, train=24, calib=16, test=16, test_shift=8),
+        work / "bench", progress=False)
+    base = pretrain(PretrainConfig(data_dir=data, out_dir=work / "base", epochs=1, batch_size=8,
+                                   vocab_size=600, warmup_steps=2), progress=False)
+    run = FinetuneConfig(base_dir=base, data_dir=data, out_dir=work / "ivon", epochs=2,
+                         batch_size=8, checkpoint_every=2)
+    run.lora.top_layers = 2
+    run.ivon.ess, run.ivon.hess_init, run.ivon.clip_radius = 2000.0, 0.1, float("inf")
+    return data, base, finetune(run, progress=False), run
+
+
+def test_export_round_trip(pipeline):
+    _, base, post_dir, run = pipeline
+    loaded = load_checkpoint(base)
+    post = load_posterior(post_dir, expected_config_hash=loaded.config_hash, model=loaded.model)
+    assert post.spec.layers == (2, 3) and len(post.spec.modules) == 14
+    assert post.meta["optimizer"] == "ivon" and post.meta["data"]["fingerprint"]
+    stds = [s for k, s in post.std.items()]
+    assert all((s > 0).all() for s in stds)
+    log = [json.loads(x) for x in (run.out_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and "hessian" in log[-1]
+
+
+def test_resume_continues_the_same_run(pipeline, tmp_path):
+    data, base, post_dir, run = pipeline
+    # Stop after one epoch, then resume to two: the result equals the uninterrupted run.
+    short = FinetuneConfig(**{**run.__dict__, "out_dir": tmp_path / "r", "epochs": 2})
+    import training.finetune as ft
+
+    calls = {"n": 0}
+    real_step = ft.IVON.step
+
+    def crashing_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    ft.IVON.step = crashing_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finetune(short, progress=False)
+    finally:
+        ft.IVON.step = real_step
+    resumed = load_posterior(finetune(short, progress=False))
+    full = load_posterior(post_dir)
+    for key in full.mean:
+        assert resumed.mean[key].allclose(full.mean[key], atol=1e-6), key
+        assert resumed.std[key].allclose(full.std[key], atol=1e-6), key
+
+
+def test_serve_and_answer(pipeline):
+    data, base, post_dir, _ = pipeline
+    item = read_manifest(data, "test")[0]
+    settings = Settings(model_dir=base, posterior_dir=post_dir, adaptive=False)
+    with TestClient(create_app(settings, load_in_background=False)) as client:
+        assert client.get("/readyz").status_code == 200
+        audio = (data / item.audio).read_bytes()
+        r = client.post("/answer", files={"audio": ("clip.wav", audio, "audio/wav")},
+                        data={"question": item.question, "choices": list(item.choices),
+                              "samples": "8"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["answer"] in item.choices and body["samples"] == 8
+        assert 0 < body["confidence"] <= 1 and body["uncertainty"]["mutual_information"] >= 0
