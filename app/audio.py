@@ -79,7 +79,15 @@ class AudioFeatures:
 
 
 class FeatureExtractor:
-    """Whisper log-mel features with a fixed window (`window_frames` frames of 10 ms)."""
+    """Whisper log-mel features with a fixed window (`window_frames` frames of 10 ms).
+
+    Computes exactly what `transformers.WhisperFeatureExtractor` computes on the clip padded to
+    the window, but runs the STFT only over the clip (plus enough zeros for the frames that
+    overlap its end) and fills the rest with the value silence takes, which Whisper's
+    normalisation fixes: max(log10(1e-10), global_max - 8), then (x + 4) / 4.
+    """
+
+    N_FFT = 400
 
     def __init__(self, n_mels: int, window_frames: int) -> None:
         from transformers import WhisperFeatureExtractor
@@ -87,14 +95,10 @@ class FeatureExtractor:
         self.n_mels = n_mels
         self.window_frames = window_frames
         self.max_samples = window_frames * HOP_LENGTH
-        self._fx = WhisperFeatureExtractor(
-            feature_size=n_mels,
-            sampling_rate=SAMPLE_RATE,
-            hop_length=HOP_LENGTH,
-            chunk_length=math.ceil(self.max_samples / SAMPLE_RATE),
-            n_samples=self.max_samples,
-        )
-        self._fx.nb_max_frames = window_frames
+        reference = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=SAMPLE_RATE,
+                                            hop_length=HOP_LENGTH, n_fft=self.N_FFT)
+        self.mel_filters = torch.from_numpy(reference.mel_filters).float()  # (n_fft/2+1, n_mels)
+        self.window = torch.hann_window(self.N_FFT)
 
     @property
     def max_seconds(self) -> float:
@@ -102,22 +106,28 @@ class FeatureExtractor:
 
     def __call__(self, wave: np.ndarray) -> AudioFeatures:
         """wave: (n,) float32 at 16 kHz, at most the window long (never silently cut)."""
-        if len(wave) > self.max_samples:
+        n = len(wave)
+        if n > self.max_samples:
             raise AudioError(
-                f"audio is {len(wave) / SAMPLE_RATE:.2f} s; the model's window is "
+                f"audio is {n / SAMPLE_RATE:.2f} s; the model's window is "
                 f"{self.max_seconds:.2f} s",
                 "too_long",
             )
-        if len(wave) < HOP_LENGTH:
+        if n < HOP_LENGTH:
             raise AudioError("audio is shorter than 10 ms")
-        out = self._fx(
-            wave,
-            sampling_rate=SAMPLE_RATE,
-            padding="max_length",
-            max_length=self.max_samples,
-            return_tensors="pt",
-            return_attention_mask=True,
-        )
-        feats = out["input_features"][0, :, : self.window_frames]
-        n_frames = int(out["attention_mask"][0, : self.window_frames].sum())
-        return AudioFeatures(feats.float(), n_frames, len(wave) / SAMPLE_RATE)
+        n_frames = n // HOP_LENGTH  # frames Whisper's attention mask marks as real
+        # Frames t < seg_frames see only the clip and zeros, as in the full window.
+        seg_samples = min(self.max_samples, (n_frames + 4) * HOP_LENGTH + self.N_FFT)
+        x = torch.zeros(seg_samples)
+        x[:n] = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
+        stft = torch.stft(x, self.N_FFT, HOP_LENGTH, window=self.window, return_complex=True)
+        power = stft[..., :-1].abs() ** 2  # (n_fft/2+1, frames)
+        log_spec = torch.clamp(self.mel_filters.T @ power, min=1e-10).log10()  # (n_mels, frames)
+        silence = torch.tensor(-10.0)  # log10 of the clamp floor: what zero input gives
+        top = torch.maximum(log_spec.max(), silence)
+        floor = top - 8.0
+        log_spec = torch.maximum(log_spec, floor)
+        seg_frames = min(log_spec.shape[1], self.window_frames)
+        out = torch.full((self.n_mels, self.window_frames), float(torch.maximum(silence, floor)))
+        out[:, :seg_frames] = log_spec[:, :seg_frames]
+        return AudioFeatures((out + 4.0) / 4.0, n_frames, n / SAMPLE_RATE)
