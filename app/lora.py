@@ -141,3 +141,17 @@ def concat_factors(parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) ->
         return parts[0]
     return {name: (torch.cat([p[name][0] for p in parts]), torch.cat([p[name][1] for p in parts]))
             for name in parts[0]}
+
+
+def detach_posterior(model: nn.Module) -> int:
+    """Put the plain Linear layers back in place of the wrappers (the merged mean stays).
+
+    For benchmarks that try several LoRA placements on one model; returns the count unwrapped.
+    """
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, PosteriorLinear):
+                setattr(module, child_name, child.base)
+                count += 1
+    return count
