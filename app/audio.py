@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import soundfile as sf
 import torch
 
 from app.family import HOP_LENGTH, SAMPLE_RATE
@@ -28,6 +27,8 @@ class AudioError(ValueError):
 
 def decode(data: bytes) -> tuple[np.ndarray, int]:
     """Decode an audio file's bytes to (samples (n, channels) float32, sample_rate)."""
+    import soundfile as sf  # imported here: the compute path (features, engine) needs no libsndfile
+
     if not data:
         raise AudioError("audio file is empty")
     try:
