@@ -80,6 +80,26 @@ def test_resume_continues_the_same_run(pipeline, tmp_path):
         assert resumed.std[key].allclose(full.std[key], atol=1e-6), key
 
 
+def test_evaluate_and_calibrate(pipeline, tmp_path):
+    from training.evaluate import calibrate_posterior, evaluate_posterior
+
+    data, base, post_dir, _ = pipeline
+    table = calibrate_posterior(base, post_dir, data, "calib", samples=4, progress=False)
+    assert [t["max_risk"] for t in table["targets"]] == [0.01, 0.02, 0.05, 0.1, 0.2]
+    assert table["n"] == 16 and table["samples"] == 4
+    for t in table["targets"]:
+        assert (t["threshold"] is None) == (not t["feasible"])
+    assert load_posterior(post_dir).calibration == table
+    with pytest.raises(ValueError, match="never on test"):
+        calibrate_posterior(base, post_dir, data, "test", progress=False)
+    res = evaluate_posterior(base, post_dir, data, "test", samples=4, out_dir=tmp_path / "rep",
+                             progress=False)
+    assert res["n"] == 16 and 0 <= res["bma_k4"]["overall"]["accuracy"] <= 1
+    assert set(res["mean"]["by_family"]) == set(res["bma_k4"]["by_family"])
+    for png in ("reliability.png", "risk_coverage.png", "confidence_hist.png"):
+        assert (tmp_path / "rep" / png).stat().st_size > 1000
+
+
 def test_serve_and_answer(pipeline):
     data, base, post_dir, _ = pipeline
     item = read_manifest(data, "test")[0]

@@ -99,20 +99,46 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
         posts[name] = finetune(cfg)
         times[f"{name}_s"] = time.time() - t
     t = time.time()
-    try:
-        from training.evaluate import evaluate_posterior
-    except ImportError:
-        evaluate_posterior = None
+    from training.evaluate import calibrate_posterior, evaluate_posterior
+
     results = {}
-    if evaluate_posterior is not None:
-        for name, post in posts.items():
-            results[name] = evaluate_posterior(base, post, data_dir, "test", samples=1)
-        times["evaluate_s"] = time.time() - t
+    for name, post in posts.items():
+        calibrate_posterior(base, post, data_dir, "calib", samples=args.samples, progress=False)
+        res = evaluate_posterior(base, post, data_dir, "test", samples=args.samples,
+                                 out_dir=work / "reports" / f"tiny-{name}", progress=False)
+        results[name] = {k: v["overall"] for k, v in res.items() if isinstance(v, dict)}
+        results[name]["by_family_accuracy"] = {
+            fam: m["accuracy"] for fam, m in res["mean"]["by_family"].items()}
+    times["evaluate_s"] = time.time() - t
     times["total_s"] = sum(times.values())
     summary = {"times": times, "test": results, "base": str(base),
                "posteriors": {k: str(v) for k, v in posts.items()}}
     (work / "pipeline.json").write_text(json.dumps(summary, indent=2, default=float))
     print(json.dumps(summary, indent=2, default=float))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate_posterior, format_table
+
+    res = evaluate_posterior(Path(args.base), Path(args.posterior), Path(args.data), args.split,
+                             samples=args.samples, out_dir=Path(args.out) if args.out else None,
+                             seed=args.seed)
+    print(format_table(res))
+    if args.out:
+        print(f"metrics and plots in {args.out}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from training.evaluate import calibrate_posterior
+
+    table = calibrate_posterior(Path(args.base), Path(args.posterior), Path(args.data),
+                                args.split, samples=args.samples, delta=args.delta,
+                                method=args.method, seed=args.seed)
+    for t in table["targets"]:
+        thr = "abstain always" if t["threshold"] is None else f"threshold {t['threshold']:.4f}"
+        print(f"max_risk {t['max_risk']:<5} {thr:<24} coverage {t['coverage']:.3f}  "
+              f"bound {t['risk_bound']}")
+    print(f"written to {Path(args.posterior) / 'quaver.json'}")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
@@ -154,7 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--work", default=".")
     pl.add_argument("--configs", default=str(Path(__file__).resolve().parent.parent / "configs"))
     pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--samples", type=int, default=8, help="K for calibration and evaluation")
     pl.set_defaults(func=cmd_pipeline)
+
+    for name, helptext in (("evaluate", "metrics and plots of a posterior on a split"),
+                           ("calibrate", "guaranteed-risk thresholds into quaver.json")):
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("--base", required=True, help="base model directory")
+        e.add_argument("--posterior", required=True, help="posterior directory")
+        e.add_argument("--data", default="data/bench", help="benchmark directory")
+        e.add_argument("--split", default="test" if name == "evaluate" else "calib")
+        e.add_argument("--samples", type=int, default=8)
+        e.add_argument("--seed", type=int, default=0)
+        if name == "evaluate":
+            e.add_argument("--out", default=None, help="folder for metrics.json and plots")
+            e.set_defaults(func=cmd_evaluate)
+        else:
+            e.add_argument("--delta", type=float, default=0.05)
+            e.add_argument("--method", choices=("sgr", "ltt"), default="sgr")
+            e.set_defaults(func=cmd_calibrate)
 
     a = sub.add_parser("ask", help="answer one question about an audio file")
     a.add_argument("audio")
