@@ -17,12 +17,23 @@ from app.settings import Settings
 from app.thresholds import threshold_for
 
 
-def ask(audio_path: Path, question: str, choices: list[str], *, model_dir: str | None = None,
-        posterior_dir: str | None = None, samples: int = 8, seed: int = 0,
-        max_risk: float | None = None) -> dict:
+def ask(
+    audio_path: Path,
+    question: str,
+    choices: list[str],
+    *,
+    model_dir: str | None = None,
+    posterior_dir: str | None = None,
+    samples: int = 8,
+    seed: int = 0,
+    max_risk: float | None = None,
+) -> dict:
     """Load model + posterior, answer once; returns a JSON-friendly dict."""
-    overrides = {k: v for k, v in (("model_dir", model_dir), ("posterior_dir", posterior_dir))
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("model_dir", model_dir), ("posterior_dir", posterior_dir))
+        if v is not None
+    }
     settings = Settings(**overrides)
     predictor = load_predictor(settings)
     wave = audio_mod.to_mono_16k(*audio_mod.decode(Path(audio_path).read_bytes()))

@@ -8,7 +8,6 @@ can map them to status codes.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,8 +95,9 @@ class FeatureExtractor:
         self.n_mels = n_mels
         self.window_frames = window_frames
         self.max_samples = window_frames * HOP_LENGTH
-        reference = WhisperFeatureExtractor(feature_size=n_mels, sampling_rate=SAMPLE_RATE,
-                                            hop_length=HOP_LENGTH, n_fft=self.N_FFT)
+        reference = WhisperFeatureExtractor(
+            feature_size=n_mels, sampling_rate=SAMPLE_RATE, hop_length=HOP_LENGTH, n_fft=self.N_FFT
+        )
         self.mel_filters = torch.from_numpy(reference.mel_filters).float()  # (n_fft/2+1, n_mels)
         self.window = torch.hann_window(self.N_FFT)
 
@@ -110,8 +110,7 @@ class FeatureExtractor:
         n = len(wave)
         if n > self.max_samples:
             raise AudioError(
-                f"audio is {n / SAMPLE_RATE:.2f} s; the model's window is "
-                f"{self.max_seconds:.2f} s",
+                f"audio is {n / SAMPLE_RATE:.2f} s; the model's window is {self.max_seconds:.2f} s",
                 "too_long",
             )
         if n < HOP_LENGTH:

@@ -42,8 +42,16 @@ class Outcome:
 class Engine:
     """Owns the Predictor; the only code that runs the model."""
 
-    def __init__(self, predictor: Predictor, metrics: Metrics, *, max_batch_rows: int = 64,
-                 max_wait_ms: float = 5.0, queue_size: int = 64, adaptive_margin: float = 0.15):
+    def __init__(
+        self,
+        predictor: Predictor,
+        metrics: Metrics,
+        *,
+        max_batch_rows: int = 64,
+        max_wait_ms: float = 5.0,
+        queue_size: int = 64,
+        adaptive_margin: float = 0.15,
+    ):
         self.predictor = predictor
         self.metrics = metrics
         self.max_batch_rows = max_batch_rows
@@ -69,15 +77,17 @@ class Engine:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            raise Overloaded("the inference queue is full; retry shortly",
-                             headers={"Retry-After": "1"}) from None
+            raise Overloaded(
+                "the inference queue is full; retry shortly", headers={"Retry-After": "1"}
+            ) from None
         self.metrics.queue_depth.set(self._queue.qsize())
         try:
             return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout_s)
         except TimeoutError:
             job.future.cancel()
-            raise InferenceTimeout(f"no answer within {timeout_s:.0f} s; retry later",
-                                   headers={"Retry-After": "5"}) from None
+            raise InferenceTimeout(
+                f"no answer within {timeout_s:.0f} s; retry later", headers={"Retry-After": "5"}
+            ) from None
 
     def run_now(self, jobs: list[Job]) -> list[Outcome]:
         """Synchronously run jobs as one micro-batch (warm-up, CLI, tests)."""
@@ -93,8 +103,11 @@ class Engine:
         while rows < self.max_batch_rows:
             remaining = deadline - time.perf_counter()
             try:
-                job = self._queue.get(timeout=max(remaining, 0)) if remaining > 0 \
+                job = (
+                    self._queue.get(timeout=max(remaining, 0))
+                    if remaining > 0
                     else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
             if job is None:
@@ -141,9 +154,13 @@ class Engine:
         preds, dt = self._forward(first)
         used = [r.samples for r in first]
         infer = [dt * 1000] * len(jobs)
-        redo = [i for i, j in enumerate(jobs)
-                if j.adaptive and j.request.samples > 1
-                and abs(preds[i].confidence - j.threshold) <= self.margin]
+        redo = [
+            i
+            for i, j in enumerate(jobs)
+            if j.adaptive
+            and j.request.samples > 1
+            and abs(preds[i].confidence - j.threshold) <= self.margin
+        ]
         if redo:
             again, dt2 = self._forward([jobs[i].request for i in redo])
             for i, pred in zip(redo, again, strict=True):

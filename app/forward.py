@@ -63,7 +63,10 @@ def collate(prompts: list, features: list, pad_id: int) -> PromptBatch:
 
 
 def encode_audio(
-    model: nn.Module, features: torch.Tensor, n_frames: torch.Tensor, family: ModelFamily = QWEN2_AUDIO
+    model: nn.Module,
+    features: torch.Tensor,
+    n_frames: torch.Tensor,
+    family: ModelFamily = QWEN2_AUDIO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Audio tower + projector. Returns (embeds (R, A_max, d_text), audio token counts (R,))."""
     tower = family.audio_tower(model)
@@ -109,8 +112,13 @@ class DecoderRunner:
 
     def _masks(self, h: torch.Tensor, position_ids: torch.Tensor) -> dict:
         cfg = self.lm.config
-        kw = dict(config=cfg, inputs_embeds=h, attention_mask=None, past_key_values=None,
-                  position_ids=position_ids)
+        kw = dict(
+            config=cfg,
+            inputs_embeds=h,
+            attention_mask=None,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
         masks = {"full_attention": create_causal_mask(**kw)}
         if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
@@ -125,8 +133,12 @@ class DecoderRunner:
         pos_emb = self.lm.rotary_emb(h, position_ids=position_ids)
         for layer in self.lm.layers[start:end]:
             kind = getattr(layer, "attention_type", "full_attention")
-            h = layer(h, attention_mask=masks[kind], position_ids=position_ids,
-                      position_embeddings=pos_emb)
+            h = layer(
+                h,
+                attention_mask=masks[kind],
+                position_ids=position_ids,
+                position_embeddings=pos_emb,
+            )
         return h
 
 

@@ -99,7 +99,9 @@ def attach_posterior(model: nn.Module, posterior: Posterior) -> dict[str, Poster
         m_b, _ = posterior.factor(name, "B")
         with torch.no_grad():
             delta = spec.scale * (m_b.double() @ m_a.double())  # (out, in), merged in float64
-            lin.weight.copy_((lin.weight.double() + delta.to(lin.weight.device)).to(lin.weight.dtype))
+            lin.weight.copy_(
+                (lin.weight.double() + delta.to(lin.weight.device)).to(lin.weight.dtype)
+            )
         parent_name, _, leaf = name.rpartition(".")
         wrapper = PosteriorLinear(lin, name)
         setattr(modules[parent_name], leaf, wrapper)
@@ -117,10 +119,13 @@ class PosteriorSampler:
         for name in self.spec.modules:
             m_a, s_a = posterior.factor(name, "A")
             m_b, s_b = posterior.factor(name, "B")
-            self.params[name] = tuple(t.to(device=device, dtype=torch.float32)
-                                      for t in (m_a, s_a, m_b, s_b))
+            self.params[name] = tuple(
+                t.to(device=device, dtype=torch.float32) for t in (m_a, s_a, m_b, s_b)
+            )
 
-    def draw(self, n: int, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def draw(
+        self, n: int, generator: torch.Generator
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """n independent posterior samples -> per-module factors A (n, 2r, in), B (n, out, 2r)."""
         out = {}
         scale = self.spec.scale
@@ -139,8 +144,10 @@ def concat_factors(parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) ->
     """Stack the factors of several requests along the sample-row dimension."""
     if len(parts) == 1:
         return parts[0]
-    return {name: (torch.cat([p[name][0] for p in parts]), torch.cat([p[name][1] for p in parts]))
-            for name in parts[0]}
+    return {
+        name: (torch.cat([p[name][0] for p in parts]), torch.cat([p[name][1] for p in parts]))
+        for name in parts[0]
+    }
 
 
 def detach_posterior(model: nn.Module) -> int:
@@ -149,7 +156,7 @@ def detach_posterior(model: nn.Module) -> int:
     For benchmarks that try several LoRA placements on one model; returns the count unwrapped.
     """
     count = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, PosteriorLinear):
                 setattr(module, child_name, child.base)

@@ -18,26 +18,49 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("quaver_requests", "HTTP requests", ["route", "status"], registry=r)
-        self.answers = Counter("quaver_answers", "answers by outcome", ["outcome", "max_risk"],
-                               registry=r)
-        self.confidence = Histogram("quaver_confidence", "confidence of answers",
-                                    buckets=PROB_BUCKETS, registry=r)
-        self.mutual_information = Histogram("quaver_mutual_information",
-                                            "epistemic uncertainty (nats)", buckets=MI_BUCKETS,
-                                            registry=r)
-        self.request_duration = Histogram("quaver_request_duration_seconds", "request latency",
-                                          ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_duration = Histogram("quaver_inference_duration_seconds",
-                                            "forward pass per micro-batch",
-                                            buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("quaver_queue_wait_seconds", "time queued before inference",
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("quaver_batch_size", "decoder rows per micro-batch",
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.answers = Counter(
+            "quaver_answers", "answers by outcome", ["outcome", "max_risk"], registry=r
+        )
+        self.confidence = Histogram(
+            "quaver_confidence", "confidence of answers", buckets=PROB_BUCKETS, registry=r
+        )
+        self.mutual_information = Histogram(
+            "quaver_mutual_information",
+            "epistemic uncertainty (nats)",
+            buckets=MI_BUCKETS,
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "quaver_request_duration_seconds",
+            "request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "quaver_inference_duration_seconds",
+            "forward pass per micro-batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "quaver_queue_wait_seconds",
+            "time queued before inference",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "quaver_batch_size", "decoder rows per micro-batch", buckets=BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("quaver_queue_depth", "requests waiting", registry=r)
-        self.audio_duration = Histogram("quaver_audio_duration_seconds", "uploaded audio length",
-                                        buckets=AUDIO_BUCKETS, registry=r)
+        self.audio_duration = Histogram(
+            "quaver_audio_duration_seconds",
+            "uploaded audio length",
+            buckets=AUDIO_BUCKETS,
+            registry=r,
+        )
         self.errors = Counter("quaver_errors", "errors by type", ["type"], registry=r)
-        self.model_info = Gauge("quaver_model_info", "loaded model", ["base", "posterior"],
-                                registry=r)
+        self.model_info = Gauge(
+            "quaver_model_info", "loaded model", ["base", "posterior"], registry=r
+        )
         self.ready = Gauge("quaver_ready", "1 once the model is loaded and warmed up", registry=r)

@@ -24,9 +24,19 @@ from app.family import QWEN2_AUDIO, ModelFamily
 from app.prompt import PromptBuilder
 
 # Keys of config.to_dict() that do not change the computation.
-_VOLATILE_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype",
-                  "_commit_hash", "_attn_implementation_autoset", "use_cache", "output_attentions",
-                  "output_hidden_states", "return_dict"}
+_VOLATILE_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -75,7 +85,9 @@ class LoadedModel:
 def _n_mels(model_dir: Path, config) -> int:
     pre = model_dir / "preprocessor_config.json"
     if pre.exists():
-        return int(json.loads(pre.read_text()).get("feature_size", config.audio_config.num_mel_bins))
+        return int(
+            json.loads(pre.read_text()).get("feature_size", config.audio_config.num_mel_bins)
+        )
     return int(config.audio_config.num_mel_bins)
 
 

@@ -42,7 +42,9 @@ class LoRASpec:
 
     rank: int
     alpha: float
-    modules: tuple[str, ...]  # module paths carrying LoRA, e.g. model.language_model.layers.3.mlp.up_proj
+    modules: tuple[
+        str, ...
+    ]  # module paths carrying LoRA, e.g. model.language_model.layers.3.mlp.up_proj
     layers: tuple[int, ...]  # decoder layers that carry LoRA
     target_modules: tuple[str, ...]  # leaf names, e.g. q_proj
 
@@ -60,13 +62,22 @@ class LoRASpec:
         return "^(?:" + "|".join(re.escape(m) for m in self.modules) + ")$"
 
     def to_json(self) -> dict:
-        return {**asdict(self), "modules": list(self.modules), "layers": list(self.layers),
-                "target_modules": list(self.target_modules)}
+        return {
+            **asdict(self),
+            "modules": list(self.modules),
+            "layers": list(self.layers),
+            "target_modules": list(self.target_modules),
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> LoRASpec:
-        return cls(int(d["rank"]), float(d["alpha"]), tuple(d["modules"]), tuple(d["layers"]),
-                   tuple(d["target_modules"]))
+        return cls(
+            int(d["rank"]),
+            float(d["alpha"]),
+            tuple(d["modules"]),
+            tuple(d["layers"]),
+            tuple(d["target_modules"]),
+        )
 
 
 @dataclass
@@ -185,12 +196,16 @@ def load_posterior(
                 raise PosteriorError(f"tensor {name} has negative standard deviations")
             store[key] = t
         if mean[key].shape != std[key].shape:
-            raise PosteriorError(f"{key}: mean shape {tuple(mean[key].shape)} != std shape {tuple(std[key].shape)}")
+            raise PosteriorError(
+                f"{key}: mean shape {tuple(mean[key].shape)} != std shape {tuple(std[key].shape)}"
+            )
     for module_name in spec.modules:
         a, b = mean[f"{module_name}.lora_A.weight"], mean[f"{module_name}.lora_B.weight"]
         if a.shape[0] != spec.rank or b.shape[1] != spec.rank:
-            raise PosteriorError(f"{module_name}: LoRA shapes {tuple(a.shape)}, {tuple(b.shape)} "
-                                 f"do not have rank {spec.rank}")
+            raise PosteriorError(
+                f"{module_name}: LoRA shapes {tuple(a.shape)}, {tuple(b.shape)} "
+                f"do not have rank {spec.rank}"
+            )
         if model is not None:
             lin = modules.get(module_name)
             if lin is None or not hasattr(lin, "in_features"):

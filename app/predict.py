@@ -88,7 +88,9 @@ class Predictor:
     def max_seconds(self) -> float:
         return self.loaded.features.max_seconds
 
-    def prepare(self, wave: np.ndarray, question: str, choices: list[str] | tuple[str, ...]) -> Prepared:
+    def prepare(
+        self, wave: np.ndarray, question: str, choices: list[str] | tuple[str, ...]
+    ) -> Prepared:
         """Features + prompt ids for one question (raises AudioError / PromptError)."""
         feats = self.loaded.features(wave)
         n_audio = self.loaded.family.audio_tokens_for_frames(feats.n_frames)

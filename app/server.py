@@ -10,6 +10,7 @@ The model loads in a background thread at start-up, so /healthz answers at once 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -31,7 +32,6 @@ from app import audio as audio_mod
 from app.engine import Engine, Job
 from app.errors import (
     AudioTooLong,
-    BadRequest,
     InvalidInput,
     NotReady,
     PayloadTooLarge,
@@ -40,7 +40,8 @@ from app.errors import (
     UnsupportedMediaType,
 )
 from app.metrics import Metrics
-from app.predict import Predictor, Request as PredictRequest
+from app.predict import Predictor
+from app.predict import Request as PredictRequest
 from app.prompt import MAX_CHOICES, MIN_CHOICES, PromptError
 from app.settings import Settings
 from app.thresholds import threshold_for
@@ -91,9 +92,12 @@ def load_predictor(settings: Settings) -> Predictor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    loaded = load_checkpoint(settings.model_dir, device=device, dtype=getattr(torch, settings.dtype))
-    posterior = load_posterior(settings.posterior_dir, expected_config_hash=loaded.config_hash,
-                               model=loaded.model)
+    loaded = load_checkpoint(
+        settings.model_dir, device=device, dtype=getattr(torch, settings.dtype)
+    )
+    posterior = load_posterior(
+        settings.posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
+    )
     return Predictor(loaded, posterior)
 
 
@@ -111,10 +115,14 @@ class ServiceState:
     def load(self) -> None:
         try:
             predictor = self.loader(self.settings)
-            engine = Engine(predictor, self.metrics, max_batch_rows=self.settings.max_batch_rows,
-                            max_wait_ms=self.settings.max_wait_ms,
-                            queue_size=self.settings.queue_size,
-                            adaptive_margin=self.settings.adaptive_margin)
+            engine = Engine(
+                predictor,
+                self.metrics,
+                max_batch_rows=self.settings.max_batch_rows,
+                max_wait_ms=self.settings.max_wait_ms,
+                queue_size=self.settings.queue_size,
+                adaptive_margin=self.settings.adaptive_margin,
+            )
             self._warm_up(engine)
             engine.start()
             self.engine = engine
@@ -140,8 +148,9 @@ def get_state(request: Request) -> ServiceState:
 
 def require_engine(state: Annotated[ServiceState, Depends(get_state)]) -> Engine:
     if state.engine is None:
-        raise NotReady(state.load_error or "the model is still loading",
-                       headers={"Retry-After": "5"})
+        raise NotReady(
+            state.load_error or "the model is still loading", headers={"Retry-After": "5"}
+        )
     return state.engine
 
 
@@ -181,10 +190,8 @@ class BodyLimit:
             if not overflow:  # the app's own reply to a cut-off body is replaced by the 413
                 await send(message)
 
-        try:
+        with contextlib.suppress(_BodyTooLarge):
             await self.app(scope, limited_receive, guarded_send)
-        except _BodyTooLarge:
-            pass
         if overflow:
             await self._reject(scope, send, too_big)
 
@@ -222,9 +229,11 @@ def _parse_choices(raw: list[str]) -> list[str]:
     return choices
 
 
-def create_app(settings: Settings | None = None,
-               loader: Callable[[Settings], Predictor] = load_predictor,
-               load_in_background: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    loader: Callable[[Settings], Predictor] = load_predictor,
+    load_in_background: bool = True,
+) -> FastAPI:
     """The app factory. `loader` builds the Predictor (tests inject a tiny one)."""
     settings = settings or Settings()
     state = ServiceState(settings, loader)
@@ -239,8 +248,12 @@ def create_app(settings: Settings | None = None,
         if state.engine is not None:
             state.engine.stop()
 
-    app = FastAPI(title="Quaver", version="0.1.0", lifespan=lifespan,
-                  description="Audio question answering that knows when it does not know.")
+    app = FastAPI(
+        title="Quaver",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Audio question answering that knows when it does not know.",
+    )
     app.state.quaver = state
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes, metrics=state.metrics)
 
@@ -260,7 +273,10 @@ def create_app(settings: Settings | None = None,
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         err = QuaverError(str(exc.detail))
-        err.status, err.type = exc.status_code, "not_found" if exc.status_code == 404 else "http_error"
+        err.status, err.type = (
+            exc.status_code,
+            "not_found" if exc.status_code == 404 else "http_error",
+        )
         return JSONResponse(err.body(), status_code=exc.status_code)
 
     @app.middleware("http")
@@ -325,37 +341,55 @@ def create_app(settings: Settings | None = None,
         if len(data) > s.max_upload_bytes:
             raise PayloadTooLarge(f"upload larger than {s.max_upload_bytes} bytes")
         ctype = (audio.content_type or "").lower()
-        if ctype and not (ctype.startswith("audio/") or ctype in (
-                "application/octet-stream", "application/ogg", "video/ogg")):
+        if ctype and not (
+            ctype.startswith("audio/")
+            or ctype in ("application/octet-stream", "application/ogg", "video/ogg")
+        ):
             raise UnsupportedMediaType(f"audio must be an audio file, got content type {ctype}")
         prepared = _prepare(engine.predictor, data, question, opts)
         state.metrics.audio_duration.observe(prepared.audio.duration_s)
-        thr = threshold_for(engine.predictor.posterior.calibration
-                            if engine.predictor.posterior else None, risk)
+        thr = threshold_for(
+            engine.predictor.posterior.calibration if engine.predictor.posterior else None, risk
+        )
         use_adaptive = s.adaptive if adaptive is None else adaptive
-        job = Job(PredictRequest(prepared, samples=k, seed=seed), threshold=thr.value,
-                  adaptive=use_adaptive and k > 1)
+        job = Job(
+            PredictRequest(prepared, samples=k, seed=seed),
+            threshold=thr.value,
+            adaptive=use_adaptive and k > 1,
+        )
         out = await engine.submit(job, s.request_timeout_s)
         pred = out.prediction
         abstain = pred.confidence < thr.value
         label = "none" if thr.max_risk is None else f"{thr.max_risk:g}"
-        state.metrics.answers.labels(outcome="abstained" if abstain else "answered",
-                                     max_risk=label).inc()
+        state.metrics.answers.labels(
+            outcome="abstained" if abstain else "answered", max_risk=label
+        ).inc()
         state.metrics.confidence.observe(pred.confidence)
         state.metrics.mutual_information.observe(pred.mutual_information)
         p = engine.predictor
         return AnswerResponse(
-            answer=opts[pred.answer_index], answer_index=pred.answer_index,
-            confidence=pred.confidence, abstain=bool(abstain),
-            threshold=thr.value if math.isfinite(thr.value) else None, max_risk=thr.max_risk,
+            answer=opts[pred.answer_index],
+            answer_index=pred.answer_index,
+            confidence=pred.confidence,
+            abstain=bool(abstain),
+            threshold=thr.value if math.isfinite(thr.value) else None,
+            max_risk=thr.max_risk,
             probabilities={c: float(v) for c, v in zip(opts, pred.probs, strict=True)},
-            uncertainty=Uncertainty(entropy=pred.entropy, mutual_information=pred.mutual_information,
-                                    agreement=pred.agreement),
+            uncertainty=Uncertainty(
+                entropy=pred.entropy,
+                mutual_information=pred.mutual_information,
+                agreement=pred.agreement,
+            ),
             samples=out.samples_used,
-            model=ModelIds(base=Path(str(p.loaded.path)).name,
-                           posterior=p.posterior.name if p.posterior else "none"),
-            timing_ms=Timing(queue=out.queue_ms, inference=out.inference_ms,
-                             total=(time.perf_counter() - t0) * 1000),
+            model=ModelIds(
+                base=Path(str(p.loaded.path)).name,
+                posterior=p.posterior.name if p.posterior else "none",
+            ),
+            timing_ms=Timing(
+                queue=out.queue_ms,
+                inference=out.inference_ms,
+                total=(time.perf_counter() - t0) * 1000,
+            ),
         )
 
     return app
@@ -385,6 +419,9 @@ def serve(host: str | None = None, port: int | None = None) -> None:
         settings.host = host
     if port:
         settings.port = port
-    print(f"[quaver] serving on http://{settings.host}:{settings.port} "
-          f"(model {settings.model_dir}, posterior {settings.posterior_dir})", flush=True)
+    print(
+        f"[quaver] serving on http://{settings.host}:{settings.port} "
+        f"(model {settings.model_dir}, posterior {settings.posterior_dir})",
+        flush=True,
+    )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

@@ -1,6 +1,6 @@
 """Service settings, read from the environment (prefix `QUAVER_`) with pydantic-settings.
 
-    QUAVER_MODEL_DIR=artifacts/base QUAVER_POSTERIOR_DIR=app/default quaver serve
+QUAVER_MODEL_DIR=artifacts/base QUAVER_POSTERIOR_DIR=app/default quaver serve
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ class Settings(BaseSettings):
     default_samples: int = Field(8, ge=1, description="K when a request gives none")
     max_samples: int = Field(32, ge=1, description="largest K a request may ask for")
     default_max_risk: float = Field(0.05, gt=0, lt=1, description="risk target when none given")
-    adaptive: bool = Field(True, description="decide at the mean first; sample only near the threshold")
-    adaptive_margin: float = Field(0.15, ge=0, le=1, description="|confidence - threshold| that triggers sampling")
+    adaptive: bool = Field(
+        True, description="decide at the mean first; sample only near the threshold"
+    )
+    adaptive_margin: float = Field(
+        0.15, ge=0, le=1, description="|confidence - threshold| that triggers sampling"
+    )
     max_batch_rows: int = Field(64, ge=1, description="decoder rows (requests x K) per micro-batch")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
     queue_size: int = Field(64, ge=1, description="requests waiting before 503")

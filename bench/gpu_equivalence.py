@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import torch
 
+from app.family import build_model
 from app.lora import PosteriorSampler
 from app.predict import Predictor, Request
 from bench.k_samples import random_posterior, shape_config, synthetic_loaded, synthetic_request
-from app.family import build_model
 
 
 class CPUNoiseSampler(PosteriorSampler):
@@ -44,10 +44,14 @@ def main() -> int:
         post = random_posterior(model, list(range(8, 12)), rank=8)
         pred = Predictor(synthetic_loaded(model, torch.device(device)), post)
         pred.sampler = CPUNoiseSampler(post, torch.device(device), torch.float32)
-        reqs = [Request(synthetic_request(cfg, s, 30, seed=i), k, seed=i)
-                for i, (s, k) in enumerate([(3.0, 1), (7.5, 8), (10.0, 4)])]
+        reqs = [
+            Request(synthetic_request(cfg, s, 30, seed=i), k, seed=i)
+            for i, (s, k) in enumerate([(3.0, 1), (7.5, 8), (10.0, 4)])
+        ]
         results[device] = [p.sample_probs for p in pred.predict(reqs)]
-    worst = max(float(np.abs(a - b).max()) for a, b in zip(results["cpu"], results["cuda"]))
+    worst = max(
+        float(np.abs(a - b).max()) for a, b in zip(results["cpu"], results["cuda"], strict=True)
+    )
     print(f"max |p_cuda - p_cpu| over 3 requests (K=1, 8, 4): {worst:.2e}")
     return 0 if worst < 1e-3 else 1
 

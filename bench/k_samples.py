@@ -72,7 +72,10 @@ def random_posterior(model: nn.Module, layers: list[int], rank: int, seed: int =
         for name, mod in named.items():
             if name.startswith(prefix + ".") and name.rsplit(".", 1)[-1] in DECODER_LINEARS:
                 modules.append(name)
-                for which, shape in (("A", (rank, mod.in_features)), ("B", (mod.out_features, rank))):
+                for which, shape in (
+                    ("A", (rank, mod.in_features)),
+                    ("B", (mod.out_features, rank)),
+                ):
                     key = f"{name}.lora_{which}.weight"
                     mean[key] = torch.randn(shape, generator=gen) * 0.02
                     std[key] = torch.full(shape, 0.01)
@@ -85,7 +88,10 @@ def synthetic_loaded(model: nn.Module, device: torch.device):
     n_letters = 10
     letter_ids = list(range(10, 10 + n_letters))
     return SimpleNamespace(
-        model=model, family=QWEN2_AUDIO, path="random", device=device,
+        model=model,
+        family=QWEN2_AUDIO,
+        path="random",
+        device=device,
         num_layers=len(QWEN2_AUDIO.language_model(model).layers),
         letter_ids=torch.tensor(letter_ids, device=device),
         tokenizer=SimpleNamespace(pad_token_id=0),
@@ -99,12 +105,15 @@ def synthetic_request(cfg: Qwen2AudioConfig, audio_s: float, text_tokens: int, s
     n_audio = QWEN2_AUDIO.audio_tokens_for_frames(frames)
     gen = torch.Generator().manual_seed(seed)
     feats = torch.randn(cfg.audio_config.num_mel_bins, window, generator=gen)
-    text = torch.randint(100, min(cfg.text_config.vocab_size - 1, 30000), (text_tokens,),
-                         generator=gen)
-    ids = torch.cat([torch.tensor([1]), torch.full((n_audio,), cfg.audio_token_id),
-                     torch.tensor([2]), text])
-    return Prepared(AudioFeatures(feats, frames, audio_s), PromptIds(ids, n_audio, 4),
-                    ("a", "b", "c", "d"))
+    text = torch.randint(
+        100, min(cfg.text_config.vocab_size - 1, 30000), (text_tokens,), generator=gen
+    )
+    ids = torch.cat(
+        [torch.tensor([1]), torch.full((n_audio,), cfg.audio_token_id), torch.tensor([2]), text]
+    )
+    return Prepared(
+        AudioFeatures(feats, frames, audio_s), PromptIds(ids, n_audio, 4), ("a", "b", "c", "d")
+    )
 
 
 def timed(fn, reps: int, sync) -> float:
@@ -122,8 +131,11 @@ def timed(fn, reps: int, sync) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="tiny",
-                   choices=["tiny", "whisper-tiny-smollm2", "qwen2-audio-7b", "qwen2.5-omni-3b"])
+    p.add_argument(
+        "--shape",
+        default="tiny",
+        choices=["tiny", "whisper-tiny-smollm2", "qwen2-audio-7b", "qwen2.5-omni-3b"],
+    )
     p.add_argument("--model", default=None, help="a checkpoint directory instead of --shape")
     p.add_argument("--audio-s", type=float, default=10.0)
     p.add_argument("--text-tokens", type=int, default=40)
@@ -135,8 +147,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if a.device == "auto" else a.device))
+    device = torch.device(
+        "cuda"
+        if a.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if a.device == "auto" else a.device)
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -157,10 +172,17 @@ def main() -> None:
     base.eval()
     n_layers = len(QWEN2_AUDIO.language_model(base).layers)
     prepared = synthetic_request(cfg, a.audio_s, a.text_tokens)
-    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-           "model": label, "dtype": str(dtype), "audio_s": a.audio_s, "rank": a.rank,
-           "layers": n_layers, "tokens": len(prepared.prompt.ids),
-           "build_s": round(time.time() - t0, 1), "threads": torch.get_num_threads()}
+    res = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "model": label,
+        "dtype": str(dtype),
+        "audio_s": a.audio_s,
+        "rank": a.rank,
+        "layers": n_layers,
+        "tokens": len(prepared.prompt.ids),
+        "build_s": round(time.time() - t0, 1),
+        "threads": torch.get_num_threads(),
+    }
     print(json.dumps(res), flush=True)
     if device.type == "cuda":  # clocks up before timing
         x = torch.randn(8192, 8192, device=device, dtype=dtype)
@@ -179,18 +201,22 @@ def main() -> None:
     print("merged_ms", res["merged_ms"], flush=True)
     ks = [int(k) for k in a.ks.split(",")]
     for top in a.tops.split(","):
-        layers = list(range(n_layers)) if top == "all" else list(range(n_layers - int(top), n_layers))
+        layers = (
+            list(range(n_layers)) if top == "all" else list(range(n_layers - int(top), n_layers))
+        )
         model = base  # weights' values do not change the timings; wrappers come off below
         post = random_posterior(model, layers, a.rank)
         pred = Predictor(synthetic_loaded(model, device), post)
         key = "all" if top == "all" else f"top{top}"
-        res[f"ours_{key}_k1_ms"] = timed(lambda: pred.predict([Request(prepared, 1)]), a.reps, sync)
+        res[f"ours_{key}_k1_ms"] = timed(
+            lambda p=pred: p.predict([Request(prepared, 1)]), a.reps, sync
+        )
         if top == "all":  # K sequential single-sample passes (the naive way)
             one = pred.sampler.draw(1, torch.Generator(device=device).manual_seed(0))
             samples = SampleSet(torch.tensor([0], device=device), one)
 
             @torch.inference_mode()
-            def single():
+            def single(samples=samples, model=model):
                 with active_samples(samples):
                     return letter_log_probs(model, batch, plain.letter_ids)
 
@@ -198,11 +224,10 @@ def main() -> None:
         for k in ks:
             if k == 1:
                 continue
-            ms = timed(lambda k=k: pred.predict([Request(prepared, k, seed=1)]), a.reps, sync)
+            ms = timed(lambda k=k, p=pred: p.predict([Request(prepared, k, seed=1)]), a.reps, sync)
             res[f"ours_{key}_k{k}_ms"] = ms
             print(f"ours_{key}_k{k}_ms", round(ms, 2), flush=True)
         detach_posterior(model)
-        del pred
         if device.type == "cuda":
             torch.cuda.empty_cache()
     m = res["merged_ms"]

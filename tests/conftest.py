@@ -13,8 +13,21 @@ from app.family import AUDIO_TOKEN, DECODER_LINEARS, build_model, tiny_config
 from app.modeling import save_checkpoint
 from app.posterior import LoRASpec, Posterior, save_posterior
 
-WORDS = ["How many beeps are there?", "Which sound is louder?", "first", "second", "rising",
-         "falling", "one", "two", "three", "four", "yes", "no", "Is there a click?"]
+WORDS = [
+    "How many beeps are there?",
+    "Which sound is louder?",
+    "first",
+    "second",
+    "rising",
+    "falling",
+    "one",
+    "two",
+    "three",
+    "four",
+    "yes",
+    "no",
+    "Is there a click?",
+]
 
 
 def make_tiny_checkpoint(path, seed: int = 0):
@@ -26,8 +39,15 @@ def make_tiny_checkpoint(path, seed: int = 0):
     return path
 
 
-def random_posterior(model, layers=(2, 3), rank: int = 4, seed: int = 0, std: float = 0.05,
-                     calibration: dict | None = None, base_hash: str = "") -> Posterior:
+def random_posterior(
+    model,
+    layers=(2, 3),
+    rank: int = 4,
+    seed: int = 0,
+    std: float = 0.05,
+    calibration: dict | None = None,
+    base_hash: str = "",
+) -> Posterior:
     gen = torch.Generator().manual_seed(seed)
     modules = []
     named = dict(model.named_modules())
@@ -43,20 +63,34 @@ def random_posterior(model, layers=(2, 3), rank: int = 4, seed: int = 0, std: fl
             key = f"{m}.lora_{which}.weight"
             mean[key] = torch.randn(shape, generator=gen) * 0.1
             sd[key] = torch.rand(shape, generator=gen) * std + 1e-4
-    meta = {"name": "test-posterior", "base": {"path": "tiny", "config_hash": base_hash},
-            "optimizer": "ivon"}
+    meta = {
+        "name": "test-posterior",
+        "base": {"path": "tiny", "config_hash": base_hash},
+        "optimizer": "ivon",
+    }
     if calibration is not None:
         meta["calibration"] = calibration
     return Posterior(spec, mean, sd, meta)
 
 
-CALIBRATION = {"delta": 0.05, "method": "sgr", "n": 100, "targets": [
-    {"max_risk": 0.05, "threshold": 0.9, "coverage": 0.3, "risk_bound": 0.05, "feasible": True},
-    {"max_risk": 0.1, "threshold": 0.6, "coverage": 0.6, "risk_bound": 0.1, "feasible": True},
-    {"max_risk": 0.2, "threshold": 0.4, "coverage": 0.9, "risk_bound": 0.2, "feasible": True},
-    {"max_risk": 0.01, "threshold": None, "coverage": 0.0, "risk_bound": 1.0, "feasible": False},
-    {"max_risk": 0.5, "threshold": 0.0, "coverage": 1.0, "risk_bound": 0.5, "feasible": True},
-]}
+CALIBRATION = {
+    "delta": 0.05,
+    "method": "sgr",
+    "n": 100,
+    "targets": [
+        {"max_risk": 0.05, "threshold": 0.9, "coverage": 0.3, "risk_bound": 0.05, "feasible": True},
+        {"max_risk": 0.1, "threshold": 0.6, "coverage": 0.6, "risk_bound": 0.1, "feasible": True},
+        {"max_risk": 0.2, "threshold": 0.4, "coverage": 0.9, "risk_bound": 0.2, "feasible": True},
+        {
+            "max_risk": 0.01,
+            "threshold": None,
+            "coverage": 0.0,
+            "risk_bound": 1.0,
+            "feasible": False,
+        },
+        {"max_risk": 0.5, "threshold": 0.0, "coverage": 1.0, "risk_bound": 0.5, "feasible": True},
+    ],
+}
 
 
 @pytest.fixture(scope="session")

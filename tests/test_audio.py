@@ -15,10 +15,16 @@ def test_features_equal_whisper_feature_extractor(seconds):
     wave = (rng.standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
     ours = FeatureExtractor(80, 1000)(wave)
     ref = WhisperFeatureExtractor(feature_size=80, chunk_length=10, n_samples=160000)(
-        wave, sampling_rate=16000, padding="max_length", max_length=160000, return_tensors="pt",
-        return_attention_mask=True)
-    torch.testing.assert_close(ours.features, ref["input_features"][0, :, :1000], atol=1e-5,
-                               rtol=1e-5)
+        wave,
+        sampling_rate=16000,
+        padding="max_length",
+        max_length=160000,
+        return_tensors="pt",
+        return_attention_mask=True,
+    )
+    torch.testing.assert_close(
+        ours.features, ref["input_features"][0, :, :1000], atol=1e-5, rtol=1e-5
+    )
     assert ours.n_frames == int(ref["attention_mask"][0, :1000].sum())
 
 
@@ -39,8 +45,9 @@ def test_decode_downmix_and_resample():
     assert resample(mono, 16000) is mono
 
 
-@pytest.mark.parametrize(("data", "kind"), [(b"", "invalid"), (b"not audio at all" * 10,
-                                                               "unsupported")])
+@pytest.mark.parametrize(
+    ("data", "kind"), [(b"", "invalid"), (b"not audio at all" * 10, "unsupported")]
+)
 def test_bad_bytes(data, kind):
     with pytest.raises(AudioError) as exc:
         decode(data)

@@ -30,11 +30,28 @@ def pipeline(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     data = generate_benchmark(
         BenchmarkConfig(seed=3, pretrain=48, train=24, calib=16, test=16, test_shift=8),
-        work / "bench", progress=False)
-    base = pretrain(PretrainConfig(data_dir=data, out_dir=work / "base", epochs=1, batch_size=8,
-                                   vocab_size=600, warmup_steps=2), progress=False)
-    run = FinetuneConfig(base_dir=base, data_dir=data, out_dir=work / "ivon", epochs=2,
-                         batch_size=8, checkpoint_every=2)
+        work / "bench",
+        progress=False,
+    )
+    base = pretrain(
+        PretrainConfig(
+            data_dir=data,
+            out_dir=work / "base",
+            epochs=1,
+            batch_size=8,
+            vocab_size=600,
+            warmup_steps=2,
+        ),
+        progress=False,
+    )
+    run = FinetuneConfig(
+        base_dir=base,
+        data_dir=data,
+        out_dir=work / "ivon",
+        epochs=2,
+        batch_size=8,
+        checkpoint_every=2,
+    )
     run.lora.top_layers = 2
     run.ivon.ess, run.ivon.hess_init, run.ivon.clip_radius = 2000.0, 0.1, float("inf")
     return data, base, finetune(run, progress=False), run
@@ -53,7 +70,7 @@ def test_export_round_trip(pipeline):
 
 
 def test_resume_continues_the_same_run(pipeline, tmp_path):
-    data, base, post_dir, run = pipeline
+    _, _, post_dir, run = pipeline
     # Stop after one epoch, then resume to two: the result equals the uninterrupted run.
     short = FinetuneConfig(**{**run.__dict__, "out_dir": tmp_path / "r", "epochs": 2})
     import training.finetune as ft
@@ -92,8 +109,9 @@ def test_evaluate_and_calibrate(pipeline, tmp_path):
     assert load_posterior(post_dir).calibration == table
     with pytest.raises(ValueError, match="never on test"):
         calibrate_posterior(base, post_dir, data, "test", progress=False)
-    res = evaluate_posterior(base, post_dir, data, "test", samples=4, out_dir=tmp_path / "rep",
-                             progress=False)
+    res = evaluate_posterior(
+        base, post_dir, data, "test", samples=4, out_dir=tmp_path / "rep", progress=False
+    )
     assert res["n"] == 16 and 0 <= res["bma_k4"]["overall"]["accuracy"] <= 1
     assert set(res["mean"]["by_family"]) == set(res["bma_k4"]["by_family"])
     for png in ("reliability.png", "risk_coverage.png", "confidence_hist.png"):
@@ -107,9 +125,11 @@ def test_serve_and_answer(pipeline):
     with TestClient(create_app(settings, load_in_background=False)) as client:
         assert client.get("/readyz").status_code == 200
         audio = (data / item.audio).read_bytes()
-        r = client.post("/answer", files={"audio": ("clip.wav", audio, "audio/wav")},
-                        data={"question": item.question, "choices": list(item.choices),
-                              "samples": "8"})
+        r = client.post(
+            "/answer",
+            files={"audio": ("clip.wav", audio, "audio/wav")},
+            data={"question": item.question, "choices": list(item.choices), "samples": "8"},
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["answer"] in item.choices and body["samples"] == 8

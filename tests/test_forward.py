@@ -11,8 +11,11 @@ from tests.conftest import tone
 def _prompts(loaded, lengths=(1.0, 3.5), n_choices=(3, 2)):
     feats = [loaded.features(tone(s, 300 + 100 * i)) for i, s in enumerate(lengths)]
     prompts = [
-        loaded.prompts.build(loaded.family.audio_tokens_for_frames(f.n_frames),
-                             "How many beeps are there?", ["one", "two", "three"][:k])
+        loaded.prompts.build(
+            loaded.family.audio_tokens_for_frames(f.n_frames),
+            "How many beeps are there?",
+            ["one", "two", "three"][:k],
+        )
         for f, k in zip(feats, n_choices, strict=True)
     ]
     return feats, prompts
@@ -26,8 +29,9 @@ def test_matches_stock_forward(tiny_dir):
         ours = letter_log_probs(loaded.model, batch, loaded.letter_ids)
         for i, (p, f) in enumerate(zip(prompts, feats, strict=True)):
             mask = (torch.arange(f.features.shape[1]) < f.n_frames).long()[None]
-            out = loaded.model(input_ids=p.ids[None], input_features=f.features[None],
-                               feature_attention_mask=mask)
+            out = loaded.model(
+                input_ids=p.ids[None], input_features=f.features[None], feature_attention_mask=mask
+            )
             ref = out.logits[0, -1, loaded.letter_ids][: p.n_choices].log_softmax(-1)
             torch.testing.assert_close(ours[i, : p.n_choices], ref, atol=1e-5, rtol=1e-5)
             assert torch.isinf(ours[i, p.n_choices :]).all()
@@ -39,10 +43,12 @@ def test_split_and_batching_do_not_change_results(tiny_dir):
     pad = loaded.tokenizer.pad_token_id
     with torch.no_grad():
         full = letter_log_probs(loaded.model, collate(prompts, feats, pad), loaded.letter_ids)
-        split = letter_log_probs(loaded.model, collate(prompts, feats, pad), loaded.letter_ids,
-                                 split=2)
-        alone = letter_log_probs(loaded.model, collate(prompts[1:], feats[1:], pad),
-                                 loaded.letter_ids)
+        split = letter_log_probs(
+            loaded.model, collate(prompts, feats, pad), loaded.letter_ids, split=2
+        )
+        alone = letter_log_probs(
+            loaded.model, collate(prompts[1:], feats[1:], pad), loaded.letter_ids
+        )
     finite = torch.isfinite(full)
     torch.testing.assert_close(full[finite], split[finite], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(full[1, :2].numpy(), alone[0, :2].numpy(), atol=1e-5)

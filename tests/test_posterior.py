@@ -17,7 +17,9 @@ from tests.conftest import tone
 
 def test_round_trip(tiny_dir, posterior_dir):
     loaded = load_checkpoint(tiny_dir)
-    post = load_posterior(posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model)
+    post = load_posterior(
+        posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
+    )
     raw = load_file(posterior_dir / POSTERIOR_FILE)
     for key, t in post.mean.items():
         assert torch.equal(t, raw[f"{key}.mean"])
@@ -37,9 +39,14 @@ def _corrupt(src, dst, fn):
     ("name", "mutate", "message"),
     [
         ("missing", lambda t: t.pop(next(k for k in t if k.endswith(".std"))), "missing tensor"),
-        ("nan", lambda t: t[next(iter(t))].view(-1).__setitem__(0, float("nan")), "NaN"),
-        ("shape", lambda t: t.__setitem__(next(k for k in t if "lora_A" in k and k.endswith(
-            ".mean")), torch.zeros(4, 3)), "shape"),
+        ("nan", lambda t: t[next(iter(t))].view(-1).__setitem__(0, float("nan")), r"NaN"),
+        (
+            "shape",
+            lambda t: t.__setitem__(
+                next(k for k in t if "lora_A" in k and k.endswith(".mean")), torch.zeros(4, 3)
+            ),
+            "shape",
+        ),
         ("dtype", lambda t: t.__setitem__(next(iter(t)), t[next(iter(t))].half()), "float32"),
     ],
 )
@@ -57,7 +64,7 @@ def test_other_base_and_missing_meta_are_refused(tiny_dir, posterior_dir, tmp_pa
     d = tmp_path / "nometa"
     shutil.copytree(posterior_dir, d)
     (d / "quaver.json").unlink()
-    with pytest.raises(PosteriorError, match="missing quaver.json"):
+    with pytest.raises(PosteriorError, match=r"missing quaver\.json"):
         load_posterior(d)
     meta = json.loads((posterior_dir / "quaver.json").read_text())
     meta["format_version"] = 99
@@ -71,8 +78,9 @@ def test_other_base_and_missing_meta_are_refused(tiny_dir, posterior_dir, tmp_pa
 
 
 def _prepared(predictor, seconds=2.0, freq=440.0, k=3):
-    return predictor.prepare(tone(seconds, freq), "How many beeps are there?",
-                             ["one", "two", "three", "four"][:k])
+    return predictor.prepare(
+        tone(seconds, freq), "How many beeps are there?", ["one", "two", "three", "four"][:k]
+    )
 
 
 def test_mean_matches_stock_peft_adapter(tiny_dir, posterior_dir):
@@ -106,7 +114,7 @@ def test_samples_have_the_exported_std(tiny_dir, posterior_dir):
         assert torch.allclose(a[:, r:], m_a.expand(len(a), -1, -1))
         ratio = emp / s_a
         assert ratio.mean().item() == pytest.approx(1.0, abs=0.05)
-        m_b, s_b = post.factor(module, "B")
+        _, s_b = post.factor(module, "B")
         emp_b = (b[:, :, :r] / post.spec.scale).std(0)
         assert (emp_b / s_b).mean().item() == pytest.approx(1.0, abs=0.05)
 
@@ -134,11 +142,13 @@ def test_sampled_rows_equal_explicit_weight_perturbation(tiny_dir, posterior_dir
                 a_k, b_k = a[k, :r], b[k, :, :r]  # scale already folded into b
                 mods[name].weight += b_k @ a_k
             ref = letter_log_probs(model_k, batch, loaded.letter_ids)[0, :3].exp()
-        torch.testing.assert_close(torch.from_numpy(pred.sample_probs[k]), ref, atol=1e-5,
-                                   rtol=1e-4)
+        torch.testing.assert_close(
+            torch.from_numpy(pred.sample_probs[k]), ref, atol=1e-5, rtol=1e-4
+        )
     assert modules  # the plain copy stayed untouched by the predictor
-    assert not torch.equal(torch.from_numpy(pred.sample_probs[0]), torch.from_numpy(
-        pred.sample_probs[1]))
+    assert not torch.equal(
+        torch.from_numpy(pred.sample_probs[0]), torch.from_numpy(pred.sample_probs[1])
+    )
 
 
 def test_batched_equals_unbatched_and_seeds(tiny_dir, posterior_dir):
@@ -146,12 +156,16 @@ def test_batched_equals_unbatched_and_seeds(tiny_dir, posterior_dir):
     predictor = Predictor(loaded, load_posterior(posterior_dir, model=loaded.model))
     p1, p2 = _prepared(predictor, 1.0, 300.0, 2), _prepared(predictor, 4.0, 900.0, 4)
     together = predictor.predict([Request(p1, 4, seed=1), Request(p2, 1), Request(p2, 8, seed=2)])
-    alone = [predictor.predict([r])[0] for r in
-             (Request(p1, 4, seed=1), Request(p2, 1), Request(p2, 8, seed=2))]
+    alone = [
+        predictor.predict([r])[0]
+        for r in (Request(p1, 4, seed=1), Request(p2, 1), Request(p2, 8, seed=2))
+    ]
     for a, b in zip(together, alone, strict=True):
-        torch.testing.assert_close(torch.from_numpy(a.sample_probs), torch.from_numpy(
-            b.sample_probs), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            torch.from_numpy(a.sample_probs), torch.from_numpy(b.sample_probs), atol=1e-5, rtol=1e-4
+        )
     other = predictor.predict([Request(p1, 4, seed=2)])[0]
-    assert not torch.allclose(torch.from_numpy(other.sample_probs),
-                              torch.from_numpy(alone[0].sample_probs))
+    assert not torch.allclose(
+        torch.from_numpy(other.sample_probs), torch.from_numpy(alone[0].sample_probs)
+    )
     assert alone[2].mutual_information >= 0 and 0 <= alone[2].agreement <= 1

@@ -19,8 +19,14 @@ CHOICES = ["one", "two", "three"]
 
 @pytest.fixture(scope="module")
 def settings(tiny_dir, posterior_dir):
-    return Settings(model_dir=tiny_dir, posterior_dir=posterior_dir, max_upload_bytes=400_000,
-                    max_samples=16, default_samples=4, adaptive=False)
+    return Settings(
+        model_dir=tiny_dir,
+        posterior_dir=posterior_dir,
+        max_upload_bytes=400_000,
+        max_samples=16,
+        default_samples=4,
+        adaptive=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +63,11 @@ def test_answer_contract(client):
 
 
 def test_formats_rates_and_channels(client):
-    for fmt, rate, channels, ctype in (("FLAC", 44100, 2, "audio/flac"),
-                                       ("OGG", 22050, 1, "audio/ogg"),
-                                       ("WAV", 8000, 3, "audio/x-wav")):
+    for fmt, rate, channels, ctype in (
+        ("FLAC", 44100, 2, "audio/flac"),
+        ("OGG", 22050, 1, "audio/ogg"),
+        ("WAV", 8000, 3, "audio/x-wav"),
+    ):
         audio = wav_bytes(tone(1.0, rate=rate), rate=rate, fmt=fmt, channels=channels)
         r = post(client, audio=audio, ctype=ctype, filename=f"clip.{fmt.lower()}")
         assert r.status_code == 200, (fmt, r.text)
@@ -77,8 +85,14 @@ BAD = [
     ("corrupt file", dict(audio=b"RIFF\x00\x00garbage" * 50), 415, "unsupported_media_type"),
     ("not audio type", dict(ctype="text/plain"), 415, "unsupported_media_type"),
     ("too long", dict(audio=wav_bytes(tone(11.0), rate=8000)), 413, "audio_too_long"),
-    ("nan samples", dict(audio=wav_bytes(np.full(8000, np.nan, np.float32)) if False else None,
-                         ), 0, ""),
+    (
+        "nan samples",
+        dict(
+            audio=wav_bytes(np.full(8000, np.nan, np.float32)) if False else None,
+        ),
+        0,
+        "",
+    ),
     ("missing question", dict(data={"question": None}), 422, "invalid_input"),
     ("empty question", dict(data={"question": "   "}), 422, "invalid_input"),
     ("one choice", dict(data={"choices": ["one"]}), 422, "invalid_input"),
@@ -92,8 +106,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("name", "kw", "status", "etype"), [b for b in BAD if b[2]],
-                         ids=[b[0] for b in BAD if b[2]])
+@pytest.mark.parametrize(
+    ("name", "kw", "status", "etype"), [b for b in BAD if b[2]], ids=[b[0] for b in BAD if b[2]]
+)
 def test_bad_inputs_get_clear_errors_and_server_stays_healthy(client, name, kw, status, etype):
     r = post(client, **kw)
     assert r.status_code == status, r.text
@@ -120,13 +135,16 @@ def test_upload_limit_while_streaming(client):
     assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
 
     def chunks():  # no Content-Length: rejected while streaming
-        yield (b'--zz\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n'
-               b"Content-Type: audio/wav\r\n\r\n")
+        yield (
+            b'--zz\r\nContent-Disposition: form-data; name="audio"; filename="a.wav"\r\n'
+            b"Content-Type: audio/wav\r\n\r\n"
+        )
         for _ in range(100):
             yield b"x" * 10_000
 
-    r = client.post("/answer", content=chunks(),
-                    headers={"content-type": "multipart/form-data; boundary=zz"})
+    r = client.post(
+        "/answer", content=chunks(), headers={"content-type": "multipart/form-data; boundary=zz"}
+    )
     assert r.status_code == 413
     assert post(client).status_code == 200
 
@@ -137,7 +155,9 @@ def test_concurrent_requests_all_answered_and_deterministic(client):
 
     with ThreadPoolExecutor(64) as pool:
         results = list(pool.map(one, range(64)))
-    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    assert all(r.status_code == 200 for r in results), [
+        r.text for r in results if r.status_code != 200
+    ]
     by_seed = {}
     for i, r in enumerate(results):
         by_seed.setdefault(i % 4, []).append(r.json()["probabilities"])
@@ -153,7 +173,8 @@ def _metric(text: str, name: str, **labels) -> float:
     total = 0.0
     for line in text.splitlines():
         if line.startswith((name + "{", name + " ")) and all(
-                f'{k}="{v}"' in line for k, v in labels.items()):
+            f'{k}="{v}"' in line for k, v in labels.items()
+        ):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -165,11 +186,15 @@ def test_metrics_move(client):
     post(client, audio=b"")
     after = client.get("/metrics").text
     assert _metric(after, "quaver_answers_total", outcome="abstained") > _metric(
-        before, "quaver_answers_total", outcome="abstained")
-    assert _metric(after, "quaver_answers_total", outcome="answered", max_risk="0.5") == _metric(
-        before, "quaver_answers_total", outcome="answered", max_risk="0.5") + 1
+        before, "quaver_answers_total", outcome="abstained"
+    )
+    assert (
+        _metric(after, "quaver_answers_total", outcome="answered", max_risk="0.5")
+        == _metric(before, "quaver_answers_total", outcome="answered", max_risk="0.5") + 1
+    )
     assert _metric(after, "quaver_errors_total", type="invalid_input") > _metric(
-        before, "quaver_errors_total", type="invalid_input")
+        before, "quaver_errors_total", type="invalid_input"
+    )
     assert _metric(after, "quaver_requests_total", route="/answer", status="200") >= 2
     assert _metric(after, "quaver_ready") == 1
     assert "quaver_model_info{" in after

@@ -24,8 +24,9 @@ CHROMIUM = shutil.which("chromium")
 DRIVER = shutil.which("chromedriver")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="chromium/chromedriver not installed (bin/setup --system)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="chromium/chromedriver not installed (bin/setup --system)"
+)
 
 
 def _free_port() -> int:
@@ -38,8 +39,9 @@ def _free_port() -> int:
 def live_server(tiny_dir, posterior_dir):
     port = _free_port()
     settings = Settings(model_dir=tiny_dir, posterior_dir=posterior_dir, adaptive=False)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     import httpx
@@ -67,9 +69,18 @@ def test_click_through(live_server, tmp_path):
     clip.write_bytes(wav_bytes(tone(2.0)))
     opts = Options()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 "--disable-sync", "--window-size=900,1100", f"--user-data-dir={tmp_path / 'p'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--window-size=900,1100",
+        f"--user-data-dir={tmp_path / 'p'}",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     try:
@@ -95,6 +106,7 @@ def test_click_through(live_server, tmp_path):
         box.send_keys("one")
         driver.find_element(By.ID, "submit").click()
         WebDriverWait(driver, 30).until(
-            lambda d: "invalid_input" in d.find_element(By.ID, "error").text)
+            lambda d: "invalid_input" in d.find_element(By.ID, "error").text
+        )
     finally:
         driver.quit()

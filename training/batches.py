@@ -46,7 +46,9 @@ def prepare_split(
 
 
 def make_batch(examples: list[Example], pad_id: int) -> tuple[PromptBatch, torch.Tensor]:
-    batch = collate([e.prepared.prompt for e in examples], [e.prepared.audio for e in examples], pad_id)
+    batch = collate(
+        [e.prepared.prompt for e in examples], [e.prepared.audio for e in examples], pad_id
+    )
     return batch, torch.tensor([e.label for e in examples], dtype=torch.long)
 
 

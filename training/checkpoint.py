@@ -22,14 +22,22 @@ LOG_FILE = "log.jsonl"
 
 def fingerprint(cfg_dict: dict) -> str:
     """Config fingerprint, ignoring fields that do not change the result (epochs may grow)."""
-    keep = {k: v for k, v in cfg_dict.items() if k not in ("threads", "checkpoint_every", "out_dir")}
+    keep = {
+        k: v for k, v in cfg_dict.items() if k not in ("threads", "checkpoint_every", "out_dir")
+    }
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def save_state(run_dir: Path, state: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = {**state, "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "numpy": np.random.get_state()}}
+    state = {
+        **state,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        },
+    }
     tmp = run_dir / (STATE_FILE + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, run_dir / STATE_FILE)

@@ -86,16 +86,25 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     generate_benchmark(BenchmarkConfig(seed=args.seed), data_dir)
     times["data_s"] = time.time() - t
     t = time.time()
-    pre = load_config(configs / "tiny-pretrain.yaml", PretrainConfig,
-                      {"data_dir": str(data_dir), "out_dir": str(work / "artifacts" / "tiny-base")})
+    pre = load_config(
+        configs / "tiny-pretrain.yaml",
+        PretrainConfig,
+        {"data_dir": str(data_dir), "out_dir": str(work / "artifacts" / "tiny-base")},
+    )
     base = pretrain(pre)
     times["pretrain_s"] = time.time() - t
     posts = {}
     for name in ("ivon", "adamw"):
         t = time.time()
-        cfg = load_config(configs / f"tiny-{name}.yaml", FinetuneConfig,
-                          {"data_dir": str(data_dir), "base_dir": str(base),
-                           "out_dir": str(work / "runs" / f"tiny-{name}")})
+        cfg = load_config(
+            configs / f"tiny-{name}.yaml",
+            FinetuneConfig,
+            {
+                "data_dir": str(data_dir),
+                "base_dir": str(base),
+                "out_dir": str(work / "runs" / f"tiny-{name}"),
+            },
+        )
         posts[name] = finetune(cfg)
         times[f"{name}_s"] = time.time() - t
     t = time.time()
@@ -104,15 +113,27 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     results = {}
     for name, post in posts.items():
         calibrate_posterior(base, post, data_dir, "calib", samples=args.samples, progress=False)
-        res = evaluate_posterior(base, post, data_dir, "test", samples=args.samples,
-                                 out_dir=work / "reports" / f"tiny-{name}", progress=False)
+        res = evaluate_posterior(
+            base,
+            post,
+            data_dir,
+            "test",
+            samples=args.samples,
+            out_dir=work / "reports" / f"tiny-{name}",
+            progress=False,
+        )
         results[name] = {k: v["overall"] for k, v in res.items() if isinstance(v, dict)}
         results[name]["by_family_accuracy"] = {
-            fam: m["accuracy"] for fam, m in res["mean"]["by_family"].items()}
+            fam: m["accuracy"] for fam, m in res["mean"]["by_family"].items()
+        }
     times["evaluate_s"] = time.time() - t
     times["total_s"] = sum(times.values())
-    summary = {"times": times, "test": results, "base": str(base),
-               "posteriors": {k: str(v) for k, v in posts.items()}}
+    summary = {
+        "times": times,
+        "test": results,
+        "base": str(base),
+        "posteriors": {k: str(v) for k, v in posts.items()},
+    }
     (work / "pipeline.json").write_text(json.dumps(summary, indent=2, default=float))
     print(json.dumps(summary, indent=2, default=float))
 
@@ -120,9 +141,15 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_posterior, format_table
 
-    res = evaluate_posterior(Path(args.base), Path(args.posterior), Path(args.data), args.split,
-                             samples=args.samples, out_dir=Path(args.out) if args.out else None,
-                             seed=args.seed)
+    res = evaluate_posterior(
+        Path(args.base),
+        Path(args.posterior),
+        Path(args.data),
+        args.split,
+        samples=args.samples,
+        out_dir=Path(args.out) if args.out else None,
+        seed=args.seed,
+    )
     print(format_table(res))
     if args.out:
         print(f"metrics and plots in {args.out}")
@@ -131,21 +158,37 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from training.evaluate import calibrate_posterior
 
-    table = calibrate_posterior(Path(args.base), Path(args.posterior), Path(args.data),
-                                args.split, samples=args.samples, delta=args.delta,
-                                method=args.method, seed=args.seed)
+    table = calibrate_posterior(
+        Path(args.base),
+        Path(args.posterior),
+        Path(args.data),
+        args.split,
+        samples=args.samples,
+        delta=args.delta,
+        method=args.method,
+        seed=args.seed,
+    )
     for t in table["targets"]:
         thr = "abstain always" if t["threshold"] is None else f"threshold {t['threshold']:.4f}"
-        print(f"max_risk {t['max_risk']:<5} {thr:<24} coverage {t['coverage']:.3f}  "
-              f"bound {t['risk_bound']}")
+        print(
+            f"max_risk {t['max_risk']:<5} {thr:<24} coverage {t['coverage']:.3f}  "
+            f"bound {t['risk_bound']}"
+        )
     print(f"written to {Path(args.posterior) / 'quaver.json'}")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
     from app.ask import ask
 
-    result = ask(Path(args.audio), args.question, args.choice, model_dir=args.model,
-                 posterior_dir=args.posterior, samples=args.samples, seed=args.seed)
+    result = ask(
+        Path(args.audio),
+        args.question,
+        args.choice,
+        model_dir=args.model,
+        posterior_dir=args.posterior,
+        samples=args.samples,
+        seed=args.seed,
+    )
     print(json.dumps(result, indent=2))
 
 
@@ -183,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--samples", type=int, default=8, help="K for calibration and evaluation")
     pl.set_defaults(func=cmd_pipeline)
 
-    for name, helptext in (("evaluate", "metrics and plots of a posterior on a split"),
-                           ("calibrate", "guaranteed-risk thresholds into quaver.json")):
+    for name, helptext in (
+        ("evaluate", "metrics and plots of a posterior on a split"),
+        ("calibrate", "guaranteed-risk thresholds into quaver.json"),
+    ):
         e = sub.add_parser(name, help=helptext)
         e.add_argument("--base", required=True, help="base model directory")
         e.add_argument("--posterior", required=True, help="posterior directory")

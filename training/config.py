@@ -34,10 +34,14 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
         if self.rank < 1 or self.alpha <= 0:
-            raise ConfigError(f"lora: rank must be >= 1 and alpha > 0, got {self.rank}, {self.alpha}")
+            raise ConfigError(
+                f"lora: rank must be >= 1 and alpha > 0, got {self.rank}, {self.alpha}"
+            )
         bad = set(self.target_modules) - set(DECODER_LINEARS)
         if bad or not self.target_modules:
-            raise ConfigError(f"lora.target_modules must be a subset of {DECODER_LINEARS}, got {bad}")
+            raise ConfigError(
+                f"lora.target_modules must be a subset of {DECODER_LINEARS}, got {bad}"
+            )
         if self.top_layers is not None and self.top_layers < 1:
             raise ConfigError("lora.top_layers must be >= 1 or null (all layers)")
 
@@ -129,7 +133,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.base_dir, self.data_dir, self.out_dir = (
-            Path(self.base_dir), Path(self.data_dir), Path(self.out_dir))
+            Path(self.base_dir),
+            Path(self.data_dir),
+            Path(self.out_dir),
+        )
         if self.optimizer not in ("ivon", "adamw"):
             raise ConfigError(f"optimizer must be 'ivon' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1:

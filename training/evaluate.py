@@ -33,27 +33,51 @@ def predictor_probs(preds: SplitPredictions, samples: int) -> np.ndarray:
     return preds.mean_probs if samples <= 1 else preds.bma(samples)
 
 
-def evaluate_posterior(base_dir: Path, posterior_dir: Path, data_dir: Path, split: str,
-                       samples: int = 8, out_dir: Path | None = None, progress: bool = True,
-                       seed: int = 0) -> dict:
+def evaluate_posterior(
+    base_dir: Path,
+    posterior_dir: Path,
+    data_dir: Path,
+    split: str,
+    samples: int = 8,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict:
     """Metrics of the posterior mean and of K-sample BMA on `split` (+ plots when out_dir)."""
-    preds = predict_split(Path(base_dir), Path(posterior_dir), Path(data_dir), split,
-                          samples=max(samples, 1), seed=seed, progress=progress)
-    results = {"split": split, "n": int(len(preds.labels)),
-               "mean": summarize(preds.mean_probs, preds.labels, preds.families,
-                                 n_choices=preds.n_choices)}
+    preds = predict_split(
+        Path(base_dir),
+        Path(posterior_dir),
+        Path(data_dir),
+        split,
+        samples=max(samples, 1),
+        seed=seed,
+        progress=progress,
+    )
+    results = {
+        "split": split,
+        "n": len(preds.labels),
+        "mean": summarize(
+            preds.mean_probs, preds.labels, preds.families, n_choices=preds.n_choices
+        ),
+    }
     if samples > 1:
-        results[f"bma_k{samples}"] = summarize(preds.bma(samples), preds.labels, preds.families,
-                                               n_choices=preds.n_choices,
-                                               sample_probs=preds.sample_probs)
+        results[f"bma_k{samples}"] = summarize(
+            preds.bma(samples),
+            preds.labels,
+            preds.families,
+            n_choices=preds.n_choices,
+            sample_probs=preds.sample_probs,
+        )
     if out_dir is not None:
         from training import plots
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         scores = {}
-        for name, probs in (("posterior mean", preds.mean_probs),
-                            (f"BMA K={samples}", preds.bma(samples) if samples > 1 else None)):
+        for name, probs in (
+            ("posterior mean", preds.mean_probs),
+            (f"BMA K={samples}", preds.bma(samples) if samples > 1 else None),
+        ):
             if probs is None:
                 continue
             scores[name] = (confidence(probs), correctness(probs, preds.labels, preds.n_choices))
@@ -65,19 +89,36 @@ def evaluate_posterior(base_dir: Path, posterior_dir: Path, data_dir: Path, spli
     return results
 
 
-def calibrate_posterior(base_dir: Path, posterior_dir: Path, data_dir: Path, split: str = "calib",
-                        samples: int = 8, delta: float = 0.05, targets=TARGETS, method: str = "sgr",
-                        progress: bool = True, seed: int = 0) -> dict:
+def calibrate_posterior(
+    base_dir: Path,
+    posterior_dir: Path,
+    data_dir: Path,
+    split: str = "calib",
+    samples: int = 8,
+    delta: float = 0.05,
+    targets=TARGETS,
+    method: str = "sgr",
+    progress: bool = True,
+    seed: int = 0,
+) -> dict:
     """Guaranteed-risk thresholds on `split`, written into the posterior's quaver.json."""
     if split == "test":
         raise ValueError("calibrate on a held-out calibration split, never on test")
-    preds = predict_split(Path(base_dir), Path(posterior_dir), Path(data_dir), split,
-                          samples=max(samples, 1), seed=seed, progress=progress)
+    preds = predict_split(
+        Path(base_dir),
+        Path(posterior_dir),
+        Path(data_dir),
+        split,
+        samples=max(samples, 1),
+        seed=seed,
+        progress=progress,
+    )
     probs = predictor_probs(preds, samples)
     conf = confidence(probs)
     correct = correctness(probs, preds.labels, preds.n_choices)
-    table = table_to_json(calibrate_table(conf, correct, targets=targets, delta=delta,
-                                          method=method))
+    table = table_to_json(
+        calibrate_table(conf, correct, targets=targets, delta=delta, method=method)
+    )
     table.update({"split": split, "samples": samples, "score": "max BMA probability"})
     meta_path = Path(posterior_dir) / META_FILE
     meta = json.loads(meta_path.read_text())
@@ -96,7 +137,8 @@ def format_table(results: dict) -> str:
         if not isinstance(res, dict) or "overall" not in res:
             continue
         row = res["overall"]
-        vals = " ".join(f"{row.get(c) if row.get(c) is None else round(row.get(c), 4):>12}"
-                        for c in cols)
+        vals = " ".join(
+            f"{row.get(c) if row.get(c) is None else round(row.get(c), 4):>12}" for c in cols
+        )
         lines.append(f"{name:<14} {vals}")
     return "\n".join(lines)

@@ -57,8 +57,9 @@ class CachedPrefix:
     def __init__(self, model, examples: list[Example], split: int, pad_id: int, progress: bool):
         self.hidden: list[torch.Tensor] = []
         with torch.no_grad():
-            for i in tqdm(range(0, len(examples), 16), desc="cache prefix", disable=not progress,
-                          leave=False):
+            for i in tqdm(
+                range(0, len(examples), 16), desc="cache prefix", disable=not progress, leave=False
+            ):
                 chunk = examples[i : i + 16]
                 batch, _ = make_batch(chunk, pad_id)
                 h = prefix_hidden(model, batch, split)  # (b, T, d)
@@ -90,9 +91,11 @@ def evaluate_mean(model, cache, examples, split, letter_ids) -> dict:
         lps.append(_log_probs(model, cache, examples, idx, split, letter_ids))
     lp = torch.cat(lps)
     labels = torch.tensor([e.label for e in examples])
-    return {"acc": float((lp.argmax(-1) == labels).float().mean()),
-            "nll": float(-lp.gather(1, labels[:, None]).mean()),
-            "conf": float(lp.exp().max(-1).values.mean())}
+    return {
+        "acc": float((lp.argmax(-1) == labels).float().mean()),
+        "nll": float(-lp.gather(1, labels[:, None]).mean()),
+        "conf": float(lp.exp().max(-1).values.mean()),
+    }
 
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
@@ -115,17 +118,33 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
         p.requires_grad_(False)
     train_cache = CachedPrefix(base, train, split, pad, progress)
     eval_cache = CachedPrefix(base, evals, split, pad, progress)
-    peft_model = get_peft_model(base, LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
-        target_modules=spec.peft_target_regex()))
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=0.0,
+            target_modules=spec.peft_target_regex(),
+        ),
+    )
     model = peft_model.base_model.model  # the Qwen2-Audio model, LoRA layers injected
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if cfg.optimizer == "ivon":
         ic = cfg.ivon
-        opt = IVON(params, lr=ic.lr, ess=ic.ess, hess_init=ic.hess_init, beta1=ic.beta1,
-                   beta2=ic.beta2, weight_decay=ic.weight_decay, clip_radius=ic.clip_radius,
-                   mc_samples=ic.mc_samples, rescale_lr=ic.rescale_lr, seed=cfg.seed)
+        opt = IVON(
+            params,
+            lr=ic.lr,
+            ess=ic.ess,
+            hess_init=ic.hess_init,
+            beta1=ic.beta1,
+            beta2=ic.beta2,
+            weight_decay=ic.weight_decay,
+            clip_radius=ic.clip_radius,
+            mc_samples=ic.mc_samples,
+            rescale_lr=ic.rescale_lr,
+            seed=cfg.seed,
+        )
         base_lr, mc = ic.lr, ic.mc_samples
     else:
         ac = cfg.adamw
@@ -145,15 +164,28 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     t0 = time.time()
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        save_state(cfg.out_dir, {"fingerprint": fp, "params": [p.detach().clone() for p in params],
-                                 "opt": opt.state_dict(), "epoch": epoch, "step": step,
-                                 "batch_in_epoch": batch_in_epoch})
+        save_state(
+            cfg.out_dir,
+            {
+                "fingerprint": fp,
+                "params": [p.detach().clone() for p in params],
+                "opt": opt.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "batch_in_epoch": batch_in_epoch,
+            },
+        )
 
     for epoch in range(start_epoch, cfg.epochs):
         order = epoch_order(len(train), cfg.batch_size, cfg.seed, epoch)
         losses, hits, seen = [], 0, 0
-        bar = tqdm(order, desc=f"{cfg.optimizer} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, initial=skip, total=len(order))
+        bar = tqdm(
+            order,
+            desc=f"{cfg.optimizer} epoch {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+            initial=skip,
+            total=len(order),
+        )
         for b, idx in enumerate(order):
             if b < skip:
                 continue
@@ -179,14 +211,24 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
                 checkpoint(epoch, b + 1)
         bar.close()
         skip = 0
-        record = {"stage": "finetune", "optimizer": cfg.optimizer, "epoch": epoch + 1,
-                  "step": step, "loss": sum(losses) / max(1, len(losses)),
-                  "train_acc": hits / max(1, seen), "elapsed_s": time.time() - t0,
-                  **{f"{cfg.eval_split}_{k}": v for k, v in
-                     evaluate_mean(model, eval_cache, evals, split, letter_ids).items()}}
+        record = {
+            "stage": "finetune",
+            "optimizer": cfg.optimizer,
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": sum(losses) / max(1, len(losses)),
+            "train_acc": hits / max(1, seen),
+            "elapsed_s": time.time() - t0,
+            **{
+                f"{cfg.eval_split}_{k}": v
+                for k, v in evaluate_mean(model, eval_cache, evals, split, letter_ids).items()
+            },
+        }
         if cfg.optimizer == "ivon":
             record["hessian"] = opt.hessian_stats()
-            record["std_median"] = float(torch.cat([opt.posterior_std(p).flatten() for p in params]).median())
+            record["std_median"] = float(
+                torch.cat([opt.posterior_std(p).flatten() for p in params]).median()
+            )
         print(f"[finetune] {record}")
         append_log(cfg.out_dir, record)
         checkpoint(epoch + 1, 0)
@@ -201,23 +243,31 @@ class _null:
         return False
 
 
-def export(cfg: FinetuneConfig, loaded: LoadedModel, spec: LoRASpec, named, opt, train_s: float) -> Path:
+def export(
+    cfg: FinetuneConfig, loaded: LoadedModel, spec: LoRASpec, named, opt, train_s: float
+) -> Path:
     """Write `<out_dir>/posterior` (app.posterior format) from the trained LoRA parameters."""
     mean, std = {}, {}
     for name, p in named:
         module, which = module_of(name)
         key = f"{module}.lora_{which}.weight"
         mean[key] = p.detach().float().clone()
-        std[key] = (opt.posterior_std(p).float().clone() if cfg.optimizer == "ivon"
-                    else torch.zeros_like(mean[key]))
+        std[key] = (
+            opt.posterior_std(p).float().clone()
+            if cfg.optimizer == "ivon"
+            else torch.zeros_like(mean[key])
+        )
     dataset_meta = json.loads((cfg.data_dir / "dataset.json").read_text())
     meta = {
         "name": cfg.out_dir.name,
         "base": {"path": str(cfg.base_dir), "config_hash": loaded.config_hash},
         "optimizer": cfg.optimizer,
         "hyperparameters": to_dict(cfg),
-        "data": {"dir": str(cfg.data_dir), "split": cfg.split,
-                 "fingerprint": dataset_meta.get("fingerprint")},
+        "data": {
+            "dir": str(cfg.data_dir),
+            "split": cfg.split,
+            "fingerprint": dataset_meta.get("fingerprint"),
+        },
         "train_seconds": round(train_s, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

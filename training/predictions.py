@@ -45,43 +45,68 @@ def _cache_path(posterior_dir: Path, data_dir: Path, split: str, samples: int, s
     return Path(posterior_dir) / "predictions" / f"{split}-K{samples}-s{seed}-{key}.npz"
 
 
-def predict_split(base_dir: Path, posterior_dir: Path, data_dir: Path, split: str,
-                  samples: int = 8, seed: int = 0, batch_size: int = 8,
-                  progress: bool = True) -> SplitPredictions:
+def predict_split(
+    base_dir: Path,
+    posterior_dir: Path,
+    data_dir: Path,
+    split: str,
+    samples: int = 8,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SplitPredictions:
     """Mean and K-sample probabilities for every item of `split` (cached on disk)."""
     cache = _cache_path(posterior_dir, data_dir, split, samples, seed)
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
-        return SplitPredictions(z["mean_probs"], z["sample_probs"], z["labels"], z["n_choices"],
-                                z["families"])
+        return SplitPredictions(
+            z["mean_probs"], z["sample_probs"], z["labels"], z["n_choices"], z["families"]
+        )
     loaded = load_checkpoint(base_dir)
-    posterior = load_posterior(posterior_dir, expected_config_hash=loaded.config_hash,
-                               model=loaded.model)
+    posterior = load_posterior(
+        posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
+    )
     predictor = Predictor(loaded, posterior)
     items = read_manifest(Path(data_dir), split)
     c_max = max(len(i.choices) for i in items)
     mean = np.zeros((len(items), c_max), np.float32)
     samp = np.zeros((len(items), samples, c_max), np.float32)
     torch.manual_seed(seed)
-    for start in tqdm(range(0, len(items), batch_size), desc=f"predict {split} K={samples}",
-                      disable=not progress):
+    for start in tqdm(
+        range(0, len(items), batch_size), desc=f"predict {split} K={samples}", disable=not progress
+    ):
         chunk = items[start : start + batch_size]
-        prepared = [predictor.prepare(load_audio_file(Path(data_dir), it), it.question,
-                                      list(it.choices)) for it in chunk]
+        prepared = [
+            predictor.prepare(load_audio_file(Path(data_dir), it), it.question, list(it.choices))
+            for it in chunk
+        ]
         reqs = [Request(p, samples=1) for p in prepared]
         if samples > 1:
-            reqs += [Request(p, samples=samples, seed=seed * 1_000_003 + start + j)
-                     for j, p in enumerate(prepared)]
+            reqs += [
+                Request(p, samples=samples, seed=seed * 1_000_003 + start + j)
+                for j, p in enumerate(prepared)
+            ]
         preds = predictor.predict(reqs)
         for j, it in enumerate(chunk):
             c = len(it.choices)
             mean[start + j, :c] = preds[j].probs
-            samp[start + j, :, :c] = preds[len(chunk) + j].sample_probs if samples > 1 \
-                else preds[j].sample_probs
-    out = SplitPredictions(mean, samp, np.array([i.answer_index for i in items]),
-                           np.array([len(i.choices) for i in items]),
-                           np.array([i.family for i in items]))
+            samp[start + j, :, :c] = (
+                preds[len(chunk) + j].sample_probs if samples > 1 else preds[j].sample_probs
+            )
+    out = SplitPredictions(
+        mean,
+        samp,
+        np.array([i.answer_index for i in items]),
+        np.array([len(i.choices) for i in items]),
+        np.array([i.family for i in items]),
+    )
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(cache, mean_probs=out.mean_probs, sample_probs=out.sample_probs,
-                        labels=out.labels, n_choices=out.n_choices, families=out.families)
+    np.savez_compressed(
+        cache,
+        mean_probs=out.mean_probs,
+        sample_probs=out.sample_probs,
+        labels=out.labels,
+        n_choices=out.n_choices,
+        families=out.families,
+    )
     return out

@@ -97,8 +97,11 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         losses, hits = [], 0
-        bar = tqdm(epoch_order(len(train), cfg.batch_size, cfg.seed, epoch),
-                   desc=f"pretrain epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        bar = tqdm(
+            epoch_order(len(train), cfg.batch_size, cfg.seed, epoch),
+            desc=f"pretrain epoch {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+        )
         for idx in bar:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_steps)
@@ -113,13 +116,27 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
             losses.append(loss.item())
             hits += int((lp.argmax(-1) == labels).sum())
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-        record = {"stage": "pretrain", "epoch": epoch + 1, "step": step,
-                  "loss": sum(losses) / len(losses), "train_acc": hits / len(train),
-                  f"{cfg.eval_split}_acc": accuracy(loaded, evals), "elapsed_s": time.time() - t0}
+        record = {
+            "stage": "pretrain",
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": sum(losses) / len(losses),
+            "train_acc": hits / len(train),
+            f"{cfg.eval_split}_acc": accuracy(loaded, evals),
+            "elapsed_s": time.time() - t0,
+        }
         print(f"[pretrain] {record}")
         append_log(run_dir, record)
-        save_state(run_dir, {"fingerprint": fp, "model": model.state_dict(),
-                             "opt": opt.state_dict(), "epoch": epoch + 1, "step": step})
+        save_state(
+            run_dir,
+            {
+                "fingerprint": fp,
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+            },
+        )
     model.eval()
     tmp = cfg.out_dir.with_name(cfg.out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
