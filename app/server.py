@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import audio as audio_mod
@@ -346,7 +347,8 @@ def create_app(
             or ctype in ("application/octet-stream", "application/ogg", "video/ogg")
         ):
             raise UnsupportedMediaType(f"audio must be an audio file, got content type {ctype}")
-        prepared = _prepare(engine.predictor, data, question, opts)
+        # decoding + features are CPU work: off the event loop, like inference
+        prepared = await run_in_threadpool(_prepare, engine.predictor, data, question, opts)
         state.metrics.audio_duration.observe(prepared.audio.duration_s)
         thr = threshold_for(
             engine.predictor.posterior.calibration if engine.predictor.posterior else None, risk
