@@ -28,6 +28,7 @@ from app.posterior import LoRASpec, Posterior, save_posterior
 from training.batches import Example, epoch_order, make_batch, prepare_split
 from training.checkpoint import append_log, fingerprint, load_state, save_state
 from training.config import FinetuneConfig, to_dict
+from training.distributed import DistInfo, all_reduce_grads, barrier, setup
 from training.ivon import IVON
 
 
@@ -104,6 +105,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     if (post_dir / "quaver.json").exists():
         print(f"[finetune] {post_dir} exists: nothing to do")
         return post_dir
+    info = setup()  # torchrun: one rank per process; otherwise a single process
+    progress = progress and info.is_main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -144,6 +147,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             mc_samples=ic.mc_samples,
             rescale_lr=ic.rescale_lr,
             seed=cfg.seed,
+            sync=info.enabled,  # torchrun: all-reduce IVON's statistics so ranks agree
         )
         base_lr, mc = ic.lr, ic.mc_samples
     else:
@@ -192,6 +196,9 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             lr = base_lr * (0.5 * (1 + math.cos(math.pi * step / total)) if cfg.cosine else 1.0)
             for g in opt.param_groups:
                 g["lr"] = lr
+            if len(idx) < info.world:  # a last batch too small to share: every rank skips it
+                continue
+            idx = info.shard(idx)  # this rank's part of the batch
             labels = torch.tensor([train[i].label for i in idx])
             opt.zero_grad(set_to_none=True)
             for _ in range(mc):
@@ -201,13 +208,15 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
                     loss = torch.nn.functional.nll_loss(lp, labels)
                     loss.backward()
                 losses.append(loss.item())
+            if cfg.optimizer == "adamw":
+                all_reduce_grads(params, info)
             opt.step()
             step += 1
             hits += int((lp.argmax(-1) == labels).sum())
             seen += len(idx)
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-            if step % cfg.checkpoint_every == 0:
+            if step % cfg.checkpoint_every == 0 and info.is_main:
                 checkpoint(epoch, b + 1)
         bar.close()
         skip = 0
@@ -229,10 +238,29 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             record["std_median"] = float(
                 torch.cat([opt.posterior_std(p).flatten() for p in params]).median()
             )
-        print(f"[finetune] {record}")
-        append_log(cfg.out_dir, record)
-        checkpoint(epoch + 1, 0)
-    return export(cfg, loaded, spec, named, opt, time.time() - t0)
+        if info.is_main:
+            print(f"[finetune] {record}")
+            append_log(cfg.out_dir, record)
+            checkpoint(epoch + 1, 0)
+    if info.enabled:
+        _write_rank_digest(cfg, named, opt, info)
+    if info.is_main:
+        export(cfg, loaded, spec, named, opt, time.time() - t0)
+    barrier(info)
+    return post_dir
+
+
+def _write_rank_digest(cfg: FinetuneConfig, named, opt, info: DistInfo) -> None:
+    """Each rank records a digest of its final posterior (ranks must agree exactly)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for _, p in named:
+        h.update(p.detach().float().cpu().numpy().tobytes())
+        if cfg.optimizer == "ivon":
+            h.update(opt.posterior_std(p).cpu().numpy().tobytes())
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.out_dir / f"rank{info.rank}.sha256").write_text(h.hexdigest() + "\n")
 
 
 class _null:
