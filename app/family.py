@@ -75,17 +75,20 @@ class ModelFamily:
 QWEN2_AUDIO = ModelFamily()
 
 
-def tiny_config(vocab_size: int, audio_token_id: int, pad_token_id: int) -> Qwen2AudioConfig:
-    """A ~1M-parameter Qwen2-Audio model with a 10 s audio window (500 encoder positions)."""
+def tiny_config(
+    vocab_size: int, audio_token_id: int, pad_token_id: int, window_s: float = 6.0
+) -> Qwen2AudioConfig:
+    """A ~0.5M-parameter Qwen2-Audio model; its audio window (default 6 s, the benchmark's
+    longest clip) sets the encoder positions: window_s * 100 frames / 2."""
     return Qwen2AudioConfig(
         audio_config={
             "model_type": "qwen2_audio_encoder",
             "num_mel_bins": 80,
-            "d_model": 96,
+            "d_model": 64,
             "encoder_layers": 2,
             "encoder_attention_heads": 4,
-            "encoder_ffn_dim": 192,
-            "max_source_positions": 500,
+            "encoder_ffn_dim": 128,
+            "max_source_positions": int(round(window_s * 50)),
         },
         text_config={
             "model_type": "qwen2",
