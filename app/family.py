@@ -88,7 +88,7 @@ def tiny_config(
             "encoder_layers": 2,
             "encoder_attention_heads": 4,
             "encoder_ffn_dim": 128,
-            "max_source_positions": int(round(window_s * 50)),
+            "max_source_positions": round(window_s * 50),
         },
         text_config={
             "model_type": "qwen2",

@@ -62,13 +62,13 @@ def collate(prompts: list, features: list, pad_id: int) -> PromptBatch:
     )
 
 
-def encode_audio(
+def audio_hidden(
     model: nn.Module,
     features: torch.Tensor,
     n_frames: torch.Tensor,
     family: ModelFamily = QWEN2_AUDIO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Audio tower + projector. Returns (embeds (R, A_max, d_text), audio token counts (R,))."""
+    """Audio tower only. Returns (hidden (R, A_max, d_audio), audio token counts (R,))."""
     tower = family.audio_tower(model)
     dtype = next(tower.parameters()).dtype
     conv_lens, out_lens = tower._get_feat_extract_output_lengths(n_frames)
@@ -80,7 +80,18 @@ def encode_audio(
     mask = create_bidirectional_mask(
         config=tower.config, inputs_embeds=dummy, attention_mask=mask_2d
     )
-    hidden = tower(features.to(dtype), attention_mask=mask).last_hidden_state  # (R, A_max, d_audio)
+    hidden = tower(features.to(dtype), attention_mask=mask).last_hidden_state
+    return hidden, out_lens
+
+
+def encode_audio(
+    model: nn.Module,
+    features: torch.Tensor,
+    n_frames: torch.Tensor,
+    family: ModelFamily = QWEN2_AUDIO,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Audio tower + projector. Returns (embeds (R, A_max, d_text), audio token counts (R,))."""
+    hidden, out_lens = audio_hidden(model, features, n_frames, family)
     return family.projector(model)(hidden), out_lens
 
 

@@ -38,11 +38,14 @@ def cmd_build_base(args: argparse.Namespace) -> None:
     print(f"base model at {build_base(Path(args.out), force=args.force)}")
 
 
-def _is_finetune(path: Path) -> bool:
+def _stage(path: Path) -> str:
+    """Which stage a config file is for: its `stage` key, else inferred from its keys."""
     import yaml
 
     data = yaml.safe_load(path.read_text()) or {}
-    return "base_dir" in data or "optimizer" in data
+    if "stage" in data:
+        return str(data["stage"])
+    return "finetune" if ("optimizer" in data or "lora" in data) else "pretrain"
 
 
 def _overrides(pairs: list[str] | None) -> dict:
@@ -56,19 +59,25 @@ def _overrides(pairs: list[str] | None) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from training.config import FinetuneConfig, PretrainConfig, load_config
+    from training.config import AlignConfig, FinetuneConfig, PretrainConfig, load_config
 
     path = Path(args.config)
-    if _is_finetune(path):
+    stage = _stage(path)
+    overrides = _overrides(args.set)
+    if stage == "finetune":
         from training.finetune import finetune
 
-        cfg = load_config(path, FinetuneConfig, _overrides(args.set))
-        print(f"posterior exported to {finetune(cfg)}")
-    else:
+        print(f"posterior exported to {finetune(load_config(path, FinetuneConfig, overrides))}")
+    elif stage == "align":
+        from training.align import align
+
+        print(f"aligned checkpoint at {align(load_config(path, AlignConfig, overrides))}")
+    elif stage == "pretrain":
         from training.pretrain import pretrain
 
-        cfg = load_config(path, PretrainConfig, _overrides(args.set))
-        print(f"base checkpoint at {pretrain(cfg)}")
+        print(f"base checkpoint at {pretrain(load_config(path, PretrainConfig, overrides))}")
+    else:
+        raise SystemExit(f"{path}: unknown stage {stage!r} (pretrain, align or finetune)")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:

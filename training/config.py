@@ -111,6 +111,35 @@ class PretrainConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Stage 1 for a pretrained base: train the new projector only (encoder and LM frozen)."""
+
+    base_dir: Path = Path("artifacts/base")  # assembled base (`quaver build-base`)
+    data_dir: Path = Path("data/bench")  # benchmark directory
+    out_dir: Path = Path("artifacts/default-aligned")  # checkpoint written at the end
+    split: str = "pretrain"  # training split
+    eval_split: str = "calib"  # split whose accuracy is logged per epoch
+    limit: int | None = None  # use only the first N training items
+    eval_limit: int | None = 200  # evaluate on the first N items of eval_split
+    epochs: int = 1  # passes over the split
+    batch_size: int = 8  # prompts per step
+    lr: float = 1e-3  # AdamW learning rate (cosine with warm-up)
+    warmup_steps: int = 20  # linear warm-up steps
+    seed: int = 0  # seed of shuffling
+    checkpoint_every: int = 50  # steps between resumable checkpoints
+    threads: int = 0  # torch threads (0 = torch's default)
+
+    def __post_init__(self) -> None:
+        self.base_dir, self.data_dir, self.out_dir = (
+            Path(self.base_dir),
+            Path(self.data_dir),
+            Path(self.out_dir),
+        )
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("align: epochs, batch_size and lr must be positive")
+
+
+@dataclass
 class FinetuneConfig:
     """Stage 2: LoRA fine-tuning on `train` with IVON or AdamW through the same loop."""
 
@@ -167,8 +196,13 @@ def _build(cls, data: dict):
 
 
 def load_config(path: str | Path, cls, overrides: dict | None = None):
-    """Read a YAML file into config dataclass `cls`; `overrides` (dotted keys) win."""
+    """Read a YAML file into config dataclass `cls`; `overrides` (dotted keys) win.
+
+    A top-level `stage` key (pretrain / align / finetune) tells the CLI which class to use and is
+    not a field of any of them.
+    """
     data = yaml.safe_load(Path(path).read_text()) or {}
+    data.pop("stage", None)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
