@@ -33,7 +33,7 @@ def decode(data: bytes) -> tuple[np.ndarray, int]:
     try:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except sf.LibsndfileError as exc:
-        msg = str(exc)
+        msg = str(exc).rsplit(">: ", 1)[-1]  # drop libsndfile's "Error opening <BytesIO ...>"
         kind = "unsupported" if "format" in msg.lower() else "invalid"
         raise AudioError(f"cannot decode audio: {msg}", kind) from exc
     except (RuntimeError, TypeError, ValueError) as exc:
