@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from app.forward import DecoderRunner, audio_hidden, choice_log_probs, embed_prompts
 from app.modeling import load_checkpoint, save_checkpoint
-from training.batches import Example, epoch_order, make_batch, prepare_split
+from training.batches import Example, epoch_order, make_batch, pad_rows, prepare_split
 from training.checkpoint import append_log, fingerprint, load_state, save_state
 from training.config import AlignConfig, to_dict
 from training.pretrain import lr_at
@@ -43,12 +43,7 @@ class AudioCache:
                 self.hidden.extend(h[j, : int(n)].clone() for j, n in enumerate(lens))
 
     def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        hs = [self.hidden[i] for i in idx]
-        lens = torch.tensor([len(h) for h in hs])
-        out = hs[0].new_zeros(len(hs), int(lens.max()), hs[0].shape[-1])
-        for j, h in enumerate(hs):
-            out[j, : len(h)] = h
-        return out, lens
+        return pad_rows([self.hidden[i] for i in idx])
 
 
 def _log_probs(loaded, cache: AudioCache, examples: list[Example], idx: list[int]) -> torch.Tensor:

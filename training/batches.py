@@ -62,3 +62,12 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
 def iterate(examples: list, batch_size: int) -> Iterator[list]:
     for i in range(0, len(examples), batch_size):
         yield examples[i : i + batch_size]
+
+
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (T_i, d) tensors with zeros into (n, T_max, d); returns it and the lengths."""
+    lengths = torch.tensor([len(r) for r in rows])
+    out = rows[0].new_zeros(len(rows), int(lengths.max()), rows[0].shape[-1])
+    for j, r in enumerate(rows):
+        out[j, : len(r)] = r
+    return out, lengths

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from app.forward import choice_log_probs, prefix_hidden, suffix_letter_logits
 from app.modeling import LoadedModel, load_checkpoint
 from app.posterior import LoRASpec, Posterior, save_posterior
-from training.batches import Example, epoch_order, make_batch, prepare_split
+from training.batches import Example, epoch_order, make_batch, pad_rows, prepare_split
 from training.checkpoint import append_log, fingerprint, load_state, save_state
 from training.config import FinetuneConfig, to_dict
 from training.distributed import DistInfo, all_reduce_grads, barrier, setup
@@ -68,12 +68,7 @@ class CachedPrefix:
                     self.hidden.append(h[j, : len(ex.prepared.prompt.ids)].clone())
 
     def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        hs = [self.hidden[i] for i in idx]
-        lengths = torch.tensor([len(h) for h in hs])
-        out = hs[0].new_zeros(len(hs), int(lengths.max()), hs[0].shape[-1])
-        for j, h in enumerate(hs):
-            out[j, : len(h)] = h
-        return out, lengths
+        return pad_rows([self.hidden[i] for i in idx])
 
 
 def _log_probs(model, cache, examples, idx, split, letter_ids):
