@@ -17,7 +17,14 @@ import itertools
 
 import numpy as np
 
-from training.data.families import KIND_TEXT, KINDS, NOISE_CHOICES, NUMBER_WORDS, Example
+from training.data.families import (
+    KIND_TEXT,
+    KINDS,
+    NOISE_CHOICES,
+    NUMBER_WORDS,
+    TIMING_CHOICES,
+    Example,
+)
 from training.data.scene import Scene, render
 from training.data.signals import SR
 
@@ -201,6 +208,16 @@ def check_presence(ex: Example) -> str:
     return "yes" if target in kinds else "no"
 
 
+def check_timing(ex: Example) -> str:
+    target = _kind_in(ex.question, 1)
+    x = _events_only(ex.scene)
+    mids = [(a + b) / 2 / SR for a, b, k in _seg_kinds(x) if k == target]
+    if len(mids) != 1:
+        raise ValueError(f"expected one {target}, found {len(mids)}")
+    third = int(np.clip(mids[0] / (ex.scene.duration_s / 3), 0, 2))
+    return TIMING_CHOICES[third]
+
+
 def check_distinct_pitches(ex: Example) -> str:
     x = _events_only(ex.scene)
     pitches = np.sort([np.median(np.log2(pitch_track(x[a:b]))) for a, b in segments(x)])
@@ -217,6 +234,7 @@ CHECKERS = {
     "noise_type": check_noise_type,
     "rhythm": check_rhythm,
     "presence": check_presence,
+    "timing": check_timing,
     "distinct_pitches": check_distinct_pitches,
 }
 
