@@ -198,7 +198,9 @@ class BodyLimit:
 
     async def _reject(self, scope, send, err: QuaverError):
         self.metrics.errors.labels(type=err.type).inc()
-        self.metrics.requests.labels(route=scope.get("path", ""), status=str(err.status)).inc()
+        path = scope.get("path", "")
+        route = path if path in ("/answer", "/healthz", "/readyz", "/metrics", "/") else "unmatched"
+        self.metrics.requests.labels(route=route, status=str(err.status)).inc()
         resp = JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})
         await resp(scope, _empty_receive, send)
 
@@ -286,8 +288,9 @@ def create_app(
         try:
             response = await call_next(request)
         except Exception:
+            route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded labels
             state.metrics.errors.labels(type="internal_error").inc()
-            state.metrics.requests.labels(route=request.url.path, status="500").inc()
+            state.metrics.requests.labels(route=route, status="500").inc()
             return JSONResponse(QuaverError("internal error").body(), status_code=500)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
