@@ -3,9 +3,11 @@
 Each family is a function `(rng, ctx) -> Example`: it lays out sound events, renders them over
 the item's noise bed through a `SceneBuilder`, and phrases a question (one of several templates)
 with its choices in a canonical order; `generate.py` shuffles the choices per item. `ctx.level`
-in [0, 1] is the difficulty knob: 0 keeps the family's cue large and salient (octave pitch steps,
-12+ dB level differences, widely spaced events, high SNR), 1 brings it to the threshold of
-perception, where answers are genuinely uncertain.
+in [0, 1] is the difficulty knob, mapped through `ramp` (quadratic): 0 keeps the family's cue
+large and salient (two-octave glides, 20 dB level differences, 3x durations, widely spaced events,
+28 dB band SNR), 1 brings it to the threshold of perception, where answers are genuinely
+uncertain. Two-sound comparisons use fixed slots (first half / second half of the clip), so the
+cue is where a small model can find it.
 
 Families (in the spirit of DCASE 2025 Task 5 temporal/complex QA):
   count             how many beeps / noise bursts (1-4)
@@ -341,9 +343,9 @@ def duration(rng: np.random.Generator, ctx: Context) -> Example:
 
 def loudness(rng: np.random.Generator, ctx: Context) -> Example:
     """Which of two otherwise identical sounds is louder (or quieter); the level gap sets
-    difficulty (16 dB easy, 0.5 dB at the threshold)."""
+    difficulty (20 dB easy, 0.5 dB at the threshold)."""
     d = ctx.level
-    diff_db = ramp(16.0, 0.5, d) * float(rng.uniform(0.85, 1.15))
+    diff_db = ramp(20.0, 0.5, d) * float(rng.uniform(0.85, 1.15))
     dur = float(rng.uniform(0.3, 0.5))
     first_louder = rng.random() < 0.5
     kind, onsets, total, over = _two_events(rng, ctx, [dur, dur])
