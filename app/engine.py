@@ -122,7 +122,9 @@ class Engine:
             first = self._queue.get()
             if first is None:
                 break
-            jobs = [j for j in self._gather(first) if not j.future.cancelled()]
+            # Claim each job: a job cancelled (timed out) while queued is dropped, and a claimed
+            # one can no longer be cancelled, so setting its result below cannot race a cancel.
+            jobs = [j for j in self._gather(first) if j.future.set_running_or_notify_cancel()]
             self.metrics.queue_depth.set(self._queue.qsize())
             if not jobs:
                 continue
@@ -130,12 +132,10 @@ class Engine:
                 outcomes = self._process(jobs)
             except Exception as exc:  # a failed batch fails its jobs, never the worker
                 for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                    job.future.set_exception(exc)
                 continue
             for job, outcome in zip(jobs, outcomes, strict=True):
-                if not job.future.done():
-                    job.future.set_result(outcome)
+                job.future.set_result(outcome)
 
     def _forward(self, requests: list[Request]) -> tuple[list[Prediction], float]:
         t = time.perf_counter()

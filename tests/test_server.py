@@ -255,3 +255,14 @@ def test_index_page_and_openapi(client):
     assert "Quaver" in client.get("/").text
     spec = client.get("/openapi.json").json()
     assert "/answer" in spec["paths"]
+
+
+def test_timeout_gives_503_and_the_engine_keeps_serving(settings):
+    hurried = settings.model_copy(update={"request_timeout_s": 0.001})
+    with TestClient(create_app(hurried, load_in_background=False)) as c:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: post(c, data={"samples": "16"}), range(8)))
+        timed_out = [r for r in results if r.status_code == 503]
+        assert timed_out and timed_out[0].json()["error"]["type"] == "timeout"
+        c.app.state.quaver.settings.request_timeout_s = 60.0
+        assert post(c).status_code == 200  # the worker survived the cancelled jobs
