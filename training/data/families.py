@@ -44,6 +44,7 @@ KIND_TEXT = {
     "clicks": ("clicking", "a series of clicks", "click trains"),
     "warble": ("warbling tone", "a warbling tone", "warbling tones"),
 }
+DISTINCT_KINDS = ("beep", "noise", "clicks")  # easiest to tell apart
 NOISE_CLASSES = ("white", "pink", "brown")  # spectral exponent 0, 1, 2
 NOISE_CHOICES = ("white noise", "pink noise", "brown noise")
 
@@ -218,8 +219,11 @@ def count(rng: np.random.Generator, ctx: Context) -> Example:
 def order(rng: np.random.Generator, ctx: Context) -> Example:
     """Which of 2-3 different sounds comes first / last; hard items overlap."""
     d = ctx.level
-    k = 3 if rng.random() < 0.3 + 0.4 * d else 2
-    kinds = [str(x) for x in rng.choice(KINDS, size=k, replace=False)]
+    # Easy items: two sounds of the three most distinct kinds (tone, noise, clicks); harder ones
+    # add the confusable tonal kinds (chirp, warble) and a third sound.
+    k = 3 if d >= 0.5 and rng.random() < 0.5 else 2
+    pool = KINDS if d >= 0.35 else DISTINCT_KINDS
+    kinds = [str(x) for x in rng.choice(pool, size=k, replace=False)]
     durs = [kind_duration(x, rng) for x in kinds]
     spacing = ramp(1.3, 0.25, d)  # 1.3 s grid when easy; hard items overlap
     onsets, total = slot_layout(rng, durs, spacing, ctx)
