@@ -4,7 +4,7 @@ Each family is a function `(rng, ctx) -> Example`: it lays out sound events, ren
 the item's noise bed through a `SceneBuilder`, and phrases a question (one of several templates)
 with its choices in a canonical order; `generate.py` shuffles the choices per item. `ctx.level`
 in [0, 1] is the difficulty knob, mapped through `ramp` (quadratic): 0 keeps the family's cue
-large and salient (two-octave glides, 20 dB level differences, 3x durations, widely spaced events,
+large and salient (two-octave glides, 24 dB level differences, 3x durations, widely spaced events,
 28 dB band SNR), 1 brings it to the threshold of perception, where answers are genuinely
 uncertain. Two-sound comparisons use fixed slots (first half / second half of the clip), so the
 cue is where a small model can find it.
@@ -219,10 +219,10 @@ def count(rng: np.random.Generator, ctx: Context) -> Example:
 def order(rng: np.random.Generator, ctx: Context) -> Example:
     """Which of 2-3 different sounds comes first / last; hard items overlap."""
     d = ctx.level
-    # Easy items: two sounds of the three most distinct kinds (tone, noise, clicks); harder ones
-    # add the confusable tonal kinds (chirp, warble) and a third sound.
+    # The easiest items contrast a tone with a noise burst; then clicks join, and from level 0.4
+    # the confusable tonal kinds (chirp, warble); from 0.5 some items have a third sound.
     k = 3 if d >= 0.5 and rng.random() < 0.5 else 2
-    pool = KINDS if d >= 0.35 else DISTINCT_KINDS
+    pool = DISTINCT_KINDS[:2] if d < 0.2 else DISTINCT_KINDS if d < 0.4 else KINDS
     kinds = [str(x) for x in rng.choice(pool, size=k, replace=False)]
     durs = [kind_duration(x, rng) for x in kinds]
     spacing = ramp(1.3, 0.25, d)  # 1.3 s grid when easy; hard items overlap
@@ -347,9 +347,9 @@ def duration(rng: np.random.Generator, ctx: Context) -> Example:
 
 def loudness(rng: np.random.Generator, ctx: Context) -> Example:
     """Which of two otherwise identical sounds is louder (or quieter); the level gap sets
-    difficulty (20 dB easy, 0.5 dB at the threshold)."""
+    difficulty (24 dB easy, 0.5 dB at the threshold)."""
     d = ctx.level
-    diff_db = ramp(20.0, 0.5, d) * float(rng.uniform(0.85, 1.15))
+    diff_db = ramp(24.0, 0.5, d) * float(rng.uniform(0.85, 1.15))
     dur = float(rng.uniform(0.3, 0.5))
     first_louder = rng.random() < 0.5
     kind, onsets, total, over = _two_events(rng, ctx, [dur, dur])
