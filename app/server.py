@@ -86,6 +86,7 @@ def load_predictor(settings: Settings) -> Predictor:
     import torch
 
     from app.modeling import load_checkpoint
+    from app.overlay import apply_overlay
     from app.posterior import load_posterior
 
     device = settings.device
@@ -96,6 +97,7 @@ def load_predictor(settings: Settings) -> Predictor:
     loaded = load_checkpoint(
         settings.model_dir, device=device, dtype=getattr(torch, settings.dtype)
     )
+    apply_overlay(settings.posterior_dir, loaded)  # e.g. the default's stage-1 projector
     posterior = load_posterior(
         settings.posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
     )

@@ -117,3 +117,18 @@ def wav_bytes(wave: np.ndarray, rate: int = 16000, fmt: str = "WAV", channels: i
 def tone(seconds: float = 1.0, freq: float = 440.0, rate: int = 16000) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def assembled_base(tmp_path_factory):
+    """The embedded default's real base, assembled once per session from the pinned packages
+    (about 1-2 min); skipped where those packages are not installed."""
+    from training import base_model as bm
+
+    try:
+        bm.locate_weights(bm.WHISPER, check_hash=False)
+        bm.locate_weights(bm.SMOLLM2, check_hash=False)
+        import gguf  # noqa: F401
+    except (bm.BaseBuildError, ImportError) as exc:
+        pytest.skip(str(exc))
+    return bm.build_base(tmp_path_factory.mktemp("assembled") / "base", progress=False)

