@@ -14,6 +14,7 @@ Another family (e.g. Qwen2.5-Omni's thinker) would add a second `ModelFamily` he
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -125,9 +126,28 @@ def init_like_pytorch(model: nn.Module, seed: int) -> None:
         torch.random.set_rng_state(gen_state)
 
 
+def sinusoid_positions(length: int, channels: int, max_timescale: float = 10_000.0) -> torch.Tensor:
+    """Whisper's fixed encoder positions: (length, channels), sines in the first half of the
+    channels and cosines in the second, timescales geometric from 1 to `max_timescale`."""
+    if channels % 2 or channels < 4:
+        raise ValueError(f"sinusoidal positions need an even channel count >= 4, got {channels}")
+    step = math.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = torch.exp(-step * torch.arange(channels // 2, dtype=torch.float64))
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_timescales[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
 def build_model(config: Qwen2AudioConfig, seed: int = 0) -> Qwen2AudioForConditionalGeneration:
-    """A randomly initialised model of `config` (fp32, eval mode)."""
+    """A randomly initialised model of `config` (fp32, eval mode).
+
+    The audio encoder's position table is frozen (as in Whisper and Qwen2-Audio, whose encoders
+    use fixed sinusoids); transformers fills it with small random noise, which leaves a model
+    trained from scratch no usable notion of *when* a sound happens, so it gets the sinusoids.
+    """
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config)
     init_like_pytorch(model, seed)
+    table = QWEN2_AUDIO.audio_tower(model).embed_positions.weight  # (max_source_positions, d)
+    with torch.no_grad():
+        table.copy_(sinusoid_positions(*table.shape))
     return model.eval()

@@ -101,13 +101,28 @@ class Predictor:
         return collate([p.prompt for p in prepared], [p.audio for p in prepared], self.pad_id)
 
     @torch.inference_mode()
-    def predict(self, requests: list[Request]) -> list[Prediction]:
-        """One forward pass for all requests; returns one Prediction per request."""
+    def prefix(self, prepared: list[Prepared]) -> tuple[torch.Tensor, PromptBatch]:
+        """Hidden states entering the first LoRA layer, (R, T, d), and the batch they came from:
+        the part of a pass that every posterior sample (and every posterior with the same LoRA
+        layers on the same base) shares."""
+        batch = self.batch(prepared).to(self.loaded.device)
+        return prefix_hidden(self.loaded.model, batch, self.split, self.loaded.family), batch
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        requests: list[Request],
+        prefix: tuple[torch.Tensor, PromptBatch] | None = None,
+    ) -> list[Prediction]:
+        """One forward pass for all requests; returns one Prediction per request.
+
+        `prefix`: `self.prefix([r.prepared for r in requests])` computed earlier (evaluation
+        reuses it across passes and posteriors); computed here when None.
+        """
         if not requests:
             return []
         device = self.loaded.device
-        batch = self.batch([r.prepared for r in requests]).to(device)
-        h = prefix_hidden(self.loaded.model, batch, self.split, self.loaded.family)  # (R, T, d)
+        h, batch = prefix if prefix is not None else self.prefix([r.prepared for r in requests])
         ks = [r.samples if self.sampler is not None else 1 for r in requests]
         repeats = torch.tensor(ks, device=device)
         h = h.repeat_interleave(repeats, dim=0)  # (sum K, T, d)

@@ -214,3 +214,46 @@ def test_ship_on_the_tiny_model_records_reproducible_answers(tiny_dir, posterior
             np.testing.assert_allclose(p.probs, rec["probabilities"], atol=1e-5)
     rw = reworded_accuracy(base, dest, data, per_family=1, progress=False)
     assert rw["overall"]["n"] == 9 and 0.0 <= rw["overall"]["accuracy"] <= 1.0
+
+
+def test_prefix_cache_gives_the_same_predictions_and_is_shared(tiny_dir, tmp_path):
+    """Evaluation with the on-disk prefix cache equals evaluation without it, for a posterior
+    that filled the cache and for another posterior (same LoRA layers) that only read it."""
+    from app.posterior import save_posterior
+    from tests.conftest import CALIBRATION, random_posterior
+    from training.data.generate import BenchmarkConfig, generate_benchmark
+    from training.predictions import predict_split
+
+    data = tmp_path / "bench"
+    sizes = {"pretrain": 0, "train": 0, "calib": 0, "test": 6, "test_shift": 0}
+    generate_benchmark(BenchmarkConfig(seed=5, **sizes), data, progress=False)
+    model = load_checkpoint(tiny_dir)
+    posts = [
+        save_posterior(
+            tmp_path / f"post{s}",
+            random_posterior(
+                model.model, seed=s, calibration=CALIBRATION, base_hash=model.config_hash
+            ),
+        )
+        for s in (1, 2)
+    ]
+    cache = tmp_path / "pc"
+    results = []
+    for post in posts:
+        with_cache = predict_split(
+            tiny_dir,
+            post,
+            data,
+            "test",
+            samples=3,
+            batch_size=4,
+            progress=False,
+            prefix_cache=cache,
+        )
+        assert len(list(cache.glob("*.pt"))) == 1  # written by the first, reused by the second
+        shutil.rmtree(post / "predictions")
+        plain = predict_split(tiny_dir, post, data, "test", samples=3, batch_size=4, progress=False)
+        np.testing.assert_allclose(with_cache.mean_probs, plain.mean_probs, atol=1e-5)
+        np.testing.assert_allclose(with_cache.sample_probs, plain.sample_probs, atol=1e-5)
+        results.append(plain.sample_probs)
+    assert not np.allclose(results[0], results[1])  # two posteriors, one shared cache

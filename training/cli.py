@@ -173,6 +173,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         samples=args.samples,
         out_dir=Path(args.out) if args.out else None,
         seed=args.seed,
+        prefix_cache=Path(args.prefix_cache) if args.prefix_cache else None,
     )
     print(format_table(res))
     if args.out:
@@ -191,6 +192,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         delta=args.delta,
         method=args.method,
         seed=args.seed,
+        prefix_cache=Path(args.prefix_cache) if args.prefix_cache else None,
     )
     for t in table["targets"]:
         thr = "abstain always" if t["threshold"] is None else f"threshold {t['threshold']:.4f}"
@@ -269,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--split", default="test" if name == "evaluate" else "calib")
         e.add_argument("--samples", type=int, default=8)
         e.add_argument("--seed", type=int, default=0)
+        e.add_argument(
+            "--prefix-cache",
+            default=None,
+            help="folder for hidden states below the LoRA layers, reused across posteriors",
+        )
         if name == "evaluate":
             e.add_argument("--out", default=None, help="folder for metrics.json and plots")
             e.set_defaults(func=cmd_evaluate)

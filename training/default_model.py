@@ -282,11 +282,14 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         )
         posts[name] = _timed(times, f"{name}_s", finetune, cfg, progress)
     results: dict[str, dict] = {}
+    pc = work / "prefix-cache"  # shared by every posterior with LoRA in the same layers
     t = time.time()
     for name, post in posts.items():
         # AdamW's posterior has std 0: its K samples would all be the mean, so K=1.
         k = recipe.samples if name == "ivon" else 1
-        calibrate_posterior(aligned, post, recipe.data_dir, "calib", samples=k, progress=progress)
+        calibrate_posterior(
+            aligned, post, recipe.data_dir, "calib", samples=k, progress=progress, prefix_cache=pc
+        )
         for split in ("test", "test_shift"):
             res = evaluate_posterior(
                 aligned,
@@ -296,6 +299,7 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
                 samples=k,
                 out_dir=work / "reports" / f"{name}-{split}",
                 progress=progress,
+                prefix_cache=pc,
             )
             results.setdefault(name, {})[split] = {
                 key: {

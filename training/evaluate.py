@@ -42,6 +42,7 @@ def evaluate_posterior(
     out_dir: Path | None = None,
     progress: bool = True,
     seed: int = 0,
+    prefix_cache: Path | None = None,
 ) -> dict:
     """Metrics of the posterior mean and of K-sample BMA on `split` (+ plots when out_dir)."""
     preds = predict_split(
@@ -52,6 +53,7 @@ def evaluate_posterior(
         samples=max(samples, 1),
         seed=seed,
         progress=progress,
+        prefix_cache=prefix_cache,
     )
     results = {
         "split": split,
@@ -100,6 +102,7 @@ def calibrate_posterior(
     method: str = "sgr",
     progress: bool = True,
     seed: int = 0,
+    prefix_cache: Path | None = None,
 ) -> dict:
     """Guaranteed-risk thresholds on `split`, written into the posterior's quaver.json."""
     if split == "test":
@@ -112,6 +115,7 @@ def calibrate_posterior(
         samples=max(samples, 1),
         seed=seed,
         progress=progress,
+        prefix_cache=prefix_cache,
     )
     probs = predictor_probs(preds, samples)
     conf = confidence(probs)

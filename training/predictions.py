@@ -7,11 +7,18 @@ posterior, so `quaver evaluate`, `quaver calibrate` and the report never recompu
 
     preds = predict_split(base_dir, posterior_dir, data_dir, "test", samples=8)
     preds.sample_probs   # (n, K, C_max) float32, zero-padded past each item's choices
+
+With `prefix_cache=DIR`, the hidden states entering the first LoRA layer are stored per item
+too (`PrefixCache`): they depend only on the base weights, the data and that layer, so every
+posterior with LoRA in the same layers (other seeds, other optimizers, other hyperparameters)
+skips the audio encoder and the frozen lower layers. The mean path and the K-sample path of one
+item share one prefix computation either way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +30,51 @@ from app.modeling import load_checkpoint
 from app.overlay import apply_overlay
 from app.posterior import load_posterior
 from app.predict import Predictor, Request
+from training.batches import pad_rows
 from training.data.manifest import load_audio_file, read_manifest
+
+
+class PrefixCache:
+    """Per-item prefix hidden states of one split on disk, keyed by everything they depend on."""
+
+    def __init__(
+        self,
+        root: Path,
+        base_dir: Path,
+        posterior_dir: Path,
+        data_dir: Path,
+        split: str,
+        first_layer: int,
+    ) -> None:
+        h = hashlib.sha256()
+        for f in sorted(Path(base_dir).glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+        meta = json.loads((Path(posterior_dir) / "quaver.json").read_text())
+        overlay = meta.get("base", {}).get("overlay") or {}
+        h.update(str(overlay.get("sha256")).encode())
+        h.update((Path(data_dir) / "dataset.json").read_bytes())
+        h.update(f"{Path(base_dir).resolve()}|{split}|{first_layer}".encode())
+        self.path = Path(root) / f"{split}-L{first_layer}-{h.hexdigest()[:16]}.pt"
+        self.rows: list[torch.Tensor] = (
+            torch.load(self.path, weights_only=True) if self.path.exists() else []
+        )
+        self.complete = self.path.exists()
+
+    def get(self, start: int, n: int) -> list[torch.Tensor] | None:
+        return self.rows[start : start + n] if self.complete else None
+
+    def add(self, h: torch.Tensor, lengths: torch.Tensor) -> None:
+        if not self.complete:
+            self.rows.extend(h[j, : int(t)].cpu().clone() for j, t in enumerate(lengths))
+
+    def save(self) -> None:
+        if not self.complete:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            torch.save(self.rows, tmp)
+            tmp.replace(self.path)
+            self.complete = True
 
 
 @dataclass
@@ -55,6 +106,7 @@ def predict_split(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    prefix_cache: Path | None = None,
 ) -> SplitPredictions:
     """Mean and K-sample probabilities for every item of `split` (cached on disk)."""
     cache = _cache_path(posterior_dir, data_dir, split, samples, seed)
@@ -69,6 +121,11 @@ def predict_split(
         posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
     )
     predictor = Predictor(loaded, posterior)
+    pcache = (
+        PrefixCache(prefix_cache, base_dir, posterior_dir, data_dir, split, predictor.split)
+        if prefix_cache is not None
+        else None
+    )
     items = read_manifest(Path(data_dir), split)
     c_max = max(len(i.choices) for i in items)
     mean = np.zeros((len(items), c_max), np.float32)
@@ -82,19 +139,31 @@ def predict_split(
             predictor.prepare(load_audio_file(Path(data_dir), it), it.question, list(it.choices))
             for it in chunk
         ]
-        reqs = [Request(p, samples=1) for p in prepared]
-        if samples > 1:
-            reqs += [
-                Request(p, samples=samples, seed=seed * 1_000_003 + start + j)
-                for j, p in enumerate(prepared)
-            ]
-        preds = predictor.predict(reqs)
+        cached = pcache.get(start, len(chunk)) if pcache is not None else None
+        if cached is None:
+            h, batch = predictor.prefix(prepared)  # (b, T, d): once for both paths below
+            if pcache is not None:
+                pcache.add(h, batch.lengths)
+        else:
+            h, batch = pad_rows(cached)[0].to(loaded.device), predictor.batch(prepared)
+        means = predictor.predict([Request(p, samples=1) for p in prepared], prefix=(h, batch))
+        draws = (
+            predictor.predict(
+                [
+                    Request(p, samples=samples, seed=seed * 1_000_003 + start + j)
+                    for j, p in enumerate(prepared)
+                ],
+                prefix=(h, batch),
+            )
+            if samples > 1
+            else means
+        )
         for j, it in enumerate(chunk):
             c = len(it.choices)
-            mean[start + j, :c] = preds[j].probs
-            samp[start + j, :, :c] = (
-                preds[len(chunk) + j].sample_probs if samples > 1 else preds[j].sample_probs
-            )
+            mean[start + j, :c] = means[j].probs
+            samp[start + j, :, :c] = draws[j].sample_probs
+    if pcache is not None:
+        pcache.save()
     out = SplitPredictions(
         mean,
         samp,
