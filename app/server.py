@@ -97,10 +97,10 @@ def load_predictor(settings: Settings) -> Predictor:
     loaded = load_checkpoint(
         settings.model_dir, device=device, dtype=getattr(torch, settings.dtype)
     )
-    apply_overlay(settings.posterior_dir, loaded)  # e.g. the default's stage-1 projector
     posterior = load_posterior(
         settings.posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
     )
+    apply_overlay(settings.posterior_dir, loaded)  # e.g. the default's stage-1 projector
     return Predictor(loaded, posterior)
 
 

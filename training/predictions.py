@@ -116,10 +116,10 @@ def predict_split(
             z["mean_probs"], z["sample_probs"], z["labels"], z["n_choices"], z["families"]
         )
     loaded = load_checkpoint(base_dir)
-    apply_overlay(posterior_dir, loaded)
     posterior = load_posterior(
         posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
     )
+    apply_overlay(posterior_dir, loaded)
     predictor = Predictor(loaded, posterior)
     pcache = (
         PrefixCache(prefix_cache, base_dir, posterior_dir, data_dir, split, predictor.split)
