@@ -5,6 +5,7 @@
     quaver train --config configs/tiny-ivon.yaml # stage 1 (pretrain) or stage 2 (LoRA fine-tune)
     quaver pipeline --work .                     # data -> tiny base -> IVON + AdamW -> evaluate
     quaver default                               # reproduce the embedded default (app/default/)
+    quaver report --seeds 0,1,2                  # IVON vs AdamW -> docs/results.md
     quaver ask clip.wav --question "..." --choice a --choice b
     quaver serve                                 # the web service (app/)
 
@@ -203,6 +204,26 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"written to {Path(args.posterior) / 'quaver.json'}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    """IVON vs AdamW over several fine-tuning seeds -> results.md, results.json and plots."""
+    from training.report import ReportConfig, run_report
+
+    cfg = ReportConfig(
+        ivon_config=Path(args.ivon_config),
+        adamw_config=Path(args.adamw_config),
+        seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()),
+        work=Path(args.work),
+        out=Path(args.out),
+        base_dir=Path(args.base) if args.base else None,
+        data_dir=Path(args.data) if args.data else None,
+        threads=args.threads,
+    )
+    results = run_report(cfg)
+    for g in results["goals"]:
+        verdict = "n/a" if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")
+        print(f"{verdict:<4} ({g['split']}) {g['goal']}: {g['detail']}")
+
+
 def cmd_ask(args: argparse.Namespace) -> None:
     from app.ask import ask
 
@@ -283,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--delta", type=float, default=0.05)
             e.add_argument("--method", choices=("sgr", "ltt"), default="sgr")
             e.set_defaults(func=cmd_calibrate)
+
+    r = sub.add_parser("report", help="results report: IVON vs AdamW over fine-tuning seeds")
+    r.add_argument("--ivon-config", default="configs/default-ivon.yaml")
+    r.add_argument("--adamw-config", default="configs/default-adamw.yaml")
+    r.add_argument("--seeds", default="0,1,2", help="comma-separated fine-tuning seeds")
+    r.add_argument("--work", default="work/default", help="holds the shared prefix cache")
+    r.add_argument("--out", default="docs", help="results.md, results.json, results/*.png")
+    r.add_argument("--base", default=None, help="override both configs' base_dir")
+    r.add_argument("--data", default=None, help="override both configs' data_dir")
+    r.add_argument("--threads", type=int, default=0, help="torch threads for prediction")
+    r.set_defaults(func=cmd_report)
 
     a = sub.add_parser("ask", help="answer one question about an audio file")
     a.add_argument("audio")

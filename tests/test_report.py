@@ -1,0 +1,243 @@
+"""The results report: temperature scaling, aggregation, and `quaver report` end to end on a
+tiny pipeline (toy benchmark, one-epoch stage 1, two seeds of one-epoch IVON and AdamW runs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from training.config import PretrainConfig
+from training.data.generate import BenchmarkConfig, generate_benchmark
+from training.metrics import summarize
+from training.predictions import predict_split
+from training.pretrain import pretrain
+from training.report import (
+    COVERAGES,
+    RISKS,
+    ReportConfig,
+    aggregate,
+    apply_temperature,
+    fit_temperature,
+    predictor_names,
+)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_temperature_one_is_identity_and_keeps_padding():
+    probs = np.array([[0.7, 0.2, 0.1, 0.0], [0.5, 0.5, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    n_choices = np.array([3, 2, 4])
+    out = apply_temperature(probs, 1.0, n_choices)
+    np.testing.assert_allclose(out, probs, atol=1e-12)
+    hot = apply_temperature(probs, 1e6, n_choices)  # T -> inf: uniform over the item's choices
+    np.testing.assert_allclose(hot[0], [1 / 3, 1 / 3, 1 / 3, 0.0], atol=1e-5)
+    np.testing.assert_allclose(hot[1], [0.5, 0.5, 0.0, 0.0], atol=1e-12)
+    # hand-checked: T = 2 takes square roots, then renormalises
+    half = apply_temperature(np.array([[0.64, 0.36]]), 2.0)
+    np.testing.assert_allclose(half, [[0.8 / 1.4, 0.6 / 1.4]], atol=1e-12)
+    with pytest.raises(ValueError):
+        apply_temperature(probs, 0.0, n_choices)
+
+
+@pytest.mark.parametrize("true_t", [0.5, 2.0])
+def test_fit_temperature_recovers_a_known_temperature(true_t):
+    rng = np.random.default_rng(0)
+    n, c = 20000, 4
+    logits = rng.normal(0.0, 2.0, (n, c))
+    # labels drawn from softmax(z / T*): the model's softmax(z) is miscalibrated by exactly T*
+    truth = _softmax(logits / true_t)
+    labels = (rng.random(n)[:, None] > truth.cumsum(1)).sum(1)
+    t = fit_temperature(_softmax(logits), labels)
+    assert t == pytest.approx(true_t, rel=0.06)
+    # the fitted T lowers the NLL compared with T = 1
+    p1 = _softmax(logits)
+    pt = apply_temperature(p1, t)
+    rows = np.arange(n)
+    assert -np.log(pt[rows, labels]).mean() < -np.log(p1[rows, labels]).mean()
+
+
+def test_fit_temperature_already_calibrated_stays_near_one():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0.0, 1.5, (20000, 3))
+    probs = _softmax(logits)
+    labels = (rng.random(len(probs))[:, None] > probs.cumsum(1)).sum(1)
+    assert fit_temperature(probs, labels) == pytest.approx(1.0, abs=0.06)
+    with pytest.raises(ValueError, match="valid choice"):
+        fit_temperature(np.array([[1.0, 0.0]]), np.array([1]), n_choices=np.array([1]))
+
+
+def test_aggregate_mean_std_and_missing():
+    a = aggregate([0.2, 0.4, None])
+    assert a["mean"] == pytest.approx(0.3) and a["std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert a["n"] == 2 and a["values"] == [0.2, 0.4, None]
+    assert aggregate([0.5])["std"] is None
+    assert aggregate([None])["mean"] is None
+
+
+def test_config_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        ReportConfig(ivon_config=tmp_path / "x.yaml", adamw_config=tmp_path / "y.yaml")
+    (tmp_path / "x.yaml").write_text("optimizer: ivon\n")
+    with pytest.raises(ValueError, match="main_samples"):
+        ReportConfig(
+            ivon_config=tmp_path / "x.yaml", adamw_config=tmp_path / "x.yaml", samples=(1, 4)
+        )
+    with pytest.raises(ValueError, match="distinct"):
+        ReportConfig(
+            ivon_config=tmp_path / "x.yaml", adamw_config=tmp_path / "x.yaml", seeds=(1, 1)
+        )
+
+
+def _no_nan(name: str):
+    raise AssertionError(f"results.json holds {name}: not strict JSON")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """`quaver report` through the CLI on a tiny pipeline with two seeds."""
+    from training.cli import main
+
+    work = tmp_path_factory.mktemp("report")
+    data = generate_benchmark(
+        BenchmarkConfig(seed=5, pretrain=48, train=16, calib=16, test=16, test_shift=12),
+        work / "bench",
+        progress=False,
+    )
+    base = pretrain(
+        PretrainConfig(
+            data_dir=data, out_dir=work / "base", epochs=1, batch_size=8, vocab_size=600
+        ),
+        progress=False,
+    )
+    common = {
+        "base_dir": "unused",  # replaced by --base below
+        "data_dir": "unused",
+        "epochs": 1,
+        "batch_size": 8,
+        "seed": 0,
+        "lora": {"rank": 4, "alpha": 8, "top_layers": 1},
+    }
+    ivon = {
+        **common,
+        "optimizer": "ivon",
+        "out_dir": str(work / "runs" / "ivon"),
+        "ivon": {"lr": 0.1, "ess": 2000.0, "hess_init": 0.1, "clip_radius": float("inf")},
+    }
+    adamw = {
+        **common,
+        "optimizer": "adamw",
+        "out_dir": str(work / "runs" / "adamw"),
+        "adamw": {"lr": 0.003},
+    }
+    (work / "ivon.yaml").write_text(yaml.safe_dump(ivon))
+    (work / "adamw.yaml").write_text(yaml.safe_dump(adamw))
+    argv = [
+        "report",
+        "--ivon-config",
+        str(work / "ivon.yaml"),
+        "--adamw-config",
+        str(work / "adamw.yaml"),
+        "--seeds",
+        "0,1",
+        "--work",
+        str(work),
+        "--out",
+        str(work / "docs"),
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+    ]
+    assert main(argv) == 0
+    return work, base, data
+
+
+def test_report_files_cover_every_predictor_and_split(report):
+    work = report[0]
+    docs = work / "docs"
+    res = json.loads((docs / "results.json").read_text(), parse_constant=_no_nan)  # strict JSON
+    md = (docs / "results.md").read_text()
+    cfg = ReportConfig(ivon_config=work / "ivon.yaml", adamw_config=work / "adamw.yaml")
+    names = predictor_names(cfg)
+    assert names[0] == "IVON mean" and "IVON BMA K=32" in names and names[-1] == "AdamW + TS"
+    assert (
+        res["command"].startswith("quaver report --ivon-config") and "--seeds 0,1" in res["command"]
+    )
+    assert res["command"] in md and "CPUs" in md
+    for split in ("test", "test_shift"):
+        assert set(res["aggregate"][split]) == set(names)
+        for name in names:
+            acc = res["aggregate"][split][name]["accuracy"]
+            assert acc["n"] == 2 and 0 <= acc["mean"] <= 1 and acc["std"] is not None
+            assert len(res["per_seed"]["1"][split]["metrics"][name]["by_family"]) >= 1
+        assert f"### {split}" in md
+    for name in names:
+        assert f"| {name} |" in md
+    # seed 0 reuses the config's out_dir; other seeds get <out_dir>-s<seed>
+    assert res["runs"]["ivon"]["0"] == str(work / "runs" / "ivon" / "posterior")
+    assert res["runs"]["adamw"]["1"] == str(work / "runs" / "adamw-s1" / "posterior")
+    assert any((work / "prefix-cache").iterdir())
+    # goals are computed, one line each, PASS / FAIL
+    assert len(res["goals"]) == 4 * 2 + 2
+    assert all(g["pass"] in (True, False) for g in res["goals"])
+    assert md.count("**PASS**") + md.count("**FAIL**") == len(res["goals"])
+    # thresholds: one row per target, realised numbers consistent with the rule
+    rows = res["thresholds"]["summary"]["IVON BMA K=8 | maxprob"]
+    assert [r["max_risk"] for r in rows] == [0.01, 0.02, 0.05, 0.1, 0.2]
+    for r in rows:
+        assert 0 <= r["held_test"] <= 2 and r["seeds"] == 2
+        cov, abst = r["coverage_test"]["mean"], r["abstain_test"]["mean"]
+        assert cov + abst == pytest.approx(1.0)
+    for png in res["plots"]:
+        assert (docs / png).read_bytes().startswith(b"\x89PNG") and png in md
+    assert {"results/reliability_test.png", "results/shift.png"} <= set(res["plots"])
+
+
+def test_report_numbers_equal_recomputed_metrics(report):
+    work, base, data = report
+    res = json.loads((work / "docs" / "results.json").read_text())
+    for seed in (0, 1):
+        post = res["runs"]["ivon"][str(seed)]
+        preds = predict_split(
+            base,
+            post,
+            data,
+            "test",
+            samples=32,
+            seed=seed,
+            progress=False,
+            prefix_cache=work / "prefix-cache",
+        )  # cached: the report's own arrays
+        want = summarize(
+            preds.bma(4),
+            preds.labels,
+            preds.families,
+            n_choices=preds.n_choices,
+            sample_probs=preds.sample_probs[:, :4],
+            risks=RISKS,
+            coverages=COVERAGES,
+        )
+        assert res["per_seed"][str(seed)]["test"]["metrics"]["IVON BMA K=4"] == want
+    # AdamW + TS: the stored temperature applied to the AdamW probabilities of seed 1
+    post = res["runs"]["adamw"]["1"]
+    shift = predict_split(base, post, data, "test_shift", samples=1, seed=1, progress=False)
+    calib = predict_split(base, post, data, "calib", samples=1, seed=1, progress=False)
+    t = fit_temperature(calib.mean_probs, calib.labels, calib.n_choices)
+    assert res["temperature"]["1"] == pytest.approx(t)
+    scaled = apply_temperature(shift.mean_probs, t, shift.n_choices)
+    want = summarize(scaled, shift.labels, shift.families, n_choices=shift.n_choices)
+    got = res["per_seed"]["1"]["test_shift"]["metrics"]["AdamW + TS"]
+    assert got["overall"]["nll"] == pytest.approx(want["overall"]["nll"])
+    assert got["overall"]["ece"] == pytest.approx(want["overall"]["ece"])
+    # each seed is its own fine-tuning: the AdamW runs differ between seeds
+    nll = [res["per_seed"][s]["test"]["metrics"]["AdamW"]["overall"]["nll"] for s in ("0", "1")]
+    assert nll[0] != nll[1]
+    # the aggregate is the mean over the per-seed numbers
+    per = [res["per_seed"][s]["test"]["metrics"]["AdamW"]["overall"]["ece"] for s in ("0", "1")]
+    assert res["aggregate"]["test"]["AdamW"]["ece"]["mean"] == pytest.approx(np.mean(per))
