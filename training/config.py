@@ -99,7 +99,7 @@ class PretrainConfig:
     epochs: int = 6  # passes over the split
     # First epochs with every item's choices in a fixed (sorted) order: the model learns to hear
     # the answer before it must also find it among shuffled options (0 = shuffled throughout).
-    canonical_epochs: int = 1
+    canonical_epochs: int = 0
     batch_size: int = 16  # prompts per step
     lr: float = 2e-3  # AdamW learning rate (cosine with warm-up)
     warmup_steps: int = 50  # linear warm-up steps
