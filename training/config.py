@@ -165,6 +165,10 @@ class FinetuneConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # where the adapters sit
     ivon: IVONConfig = field(default_factory=IVONConfig)  # used when optimizer == "ivon"
     adamw: AdamWConfig = field(default_factory=AdamWConfig)  # used when optimizer == "adamw"
+    # Folder keeping the hidden states below the first LoRA layer on disk, shared by every run on
+    # the same base, data split and first LoRA layer (other seeds, optimizers, hyperparameters);
+    # None keeps them in memory for this run only.
+    prefix_cache: Path | None = None
     checkpoint_every: int = 50  # steps between resumable checkpoints
     threads: int = 0  # torch threads (0 = torch's default)
 
@@ -174,6 +178,8 @@ class FinetuneConfig:
             Path(self.data_dir),
             Path(self.out_dir),
         )
+        if self.prefix_cache is not None:
+            self.prefix_cache = Path(self.prefix_cache)
         if self.optimizer not in ("ivon", "adamw"):
             raise ConfigError(f"optimizer must be 'ivon' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1:

@@ -13,6 +13,7 @@ AdamW learns a point estimate (exported with std 0). The run directory gets a re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -53,10 +54,30 @@ def module_of(param_name: str) -> tuple[str, str]:
 
 
 class CachedPrefix:
-    """Hidden states entering the first LoRA layer, per example (computed once, frozen base)."""
+    """Hidden states entering the first LoRA layer, per example (computed once, frozen base).
 
-    def __init__(self, model, examples: list[Example], split: int, pad_id: int, progress: bool):
+    With `store`, they are kept on disk under a key of everything they depend on (the base's
+    weight files, the data, the split and its limit, the first LoRA layer), so later runs on the
+    same base (other seeds, optimizers, hyperparameters) load them instead of recomputing.
+    """
+
+    def __init__(
+        self,
+        model,
+        examples: list[Example],
+        split: int,
+        pad_id: int,
+        progress: bool,
+        store: Path | None = None,
+        key: str = "",
+    ):
         self.hidden: list[torch.Tensor] = []
+        path = Path(store) / f"{key}.pt" if store is not None else None
+        if path is not None and path.exists():
+            self.hidden = torch.load(path, weights_only=True)
+            if len(self.hidden) == len(examples):
+                return
+            self.hidden = []
         with torch.no_grad():
             for i in tqdm(
                 range(0, len(examples), 16), desc="cache prefix", disable=not progress, leave=False
@@ -66,6 +87,21 @@ class CachedPrefix:
                 h = prefix_hidden(model, batch, split)  # (b, T, d)
                 for j, ex in enumerate(chunk):
                     self.hidden.append(h[j, : len(ex.prepared.prompt.ids)].clone())
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.hidden, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+
+
+def prefix_key(cfg: FinetuneConfig, data_split: str, limit: int | None, first_layer: int) -> str:
+    """Cache key of one split's prefix hidden states (see CachedPrefix)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(cfg.base_dir).glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h.update((Path(cfg.data_dir) / "dataset.json").read_bytes())
+    h.update(f"{Path(cfg.base_dir).resolve()}|{data_split}|{limit}|{first_layer}".encode())
+    return f"{data_split}-L{first_layer}-{h.hexdigest()[:16]}"
 
     def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_rows([self.hidden[i] for i in idx])
@@ -114,8 +150,13 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     base = loaded.model
     for p in base.parameters():
         p.requires_grad_(False)
-    train_cache = CachedPrefix(base, train, split, pad, progress)
-    eval_cache = CachedPrefix(base, evals, split, pad, progress)
+    store = cfg.prefix_cache
+    train_cache = CachedPrefix(
+        base, train, split, pad, progress, store, prefix_key(cfg, cfg.split, cfg.limit, split)
+    )
+    eval_cache = CachedPrefix(
+        base, evals, split, pad, progress, store, prefix_key(cfg, cfg.eval_split, None, split)
+    )
     peft_model = get_peft_model(
         base,
         LoraConfig(

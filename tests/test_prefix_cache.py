@@ -1,0 +1,30 @@
+"""Fine-tuning's on-disk prefix cache: loaded states equal computed ones; keys separate splits."""
+
+from __future__ import annotations
+
+import torch
+
+from app.modeling import load_checkpoint
+from training.batches import prepare_split
+from training.config import FinetuneConfig
+from training.data.generate import BenchmarkConfig, generate_benchmark
+from training.finetune import CachedPrefix, prefix_key
+
+
+def test_cached_prefix_round_trips_through_disk(tiny_dir, tmp_path):
+    data = tmp_path / "bench"
+    sizes = {"pretrain": 0, "train": 5, "calib": 3, "test": 0, "test_shift": 0}
+    generate_benchmark(BenchmarkConfig(seed=1, **sizes), data, progress=False)
+    loaded = load_checkpoint(tiny_dir)
+    examples = prepare_split(loaded, data, "train", progress=False)
+    cfg = FinetuneConfig(base_dir=tiny_dir, data_dir=data, prefix_cache=tmp_path / "pc")
+    key = prefix_key(cfg, "train", None, 2)
+    assert key != prefix_key(cfg, "calib", None, 2) != prefix_key(cfg, "train", None, 3)
+    assert key != prefix_key(cfg, "train", 4, 2)
+    pad = loaded.tokenizer.pad_token_id
+    first = CachedPrefix(loaded.model, examples, 2, pad, False, cfg.prefix_cache, key)
+    assert (tmp_path / "pc" / f"{key}.pt").exists()
+    memory = CachedPrefix(loaded.model, examples, 2, pad, False)
+    again = CachedPrefix(None, examples, 2, pad, False, cfg.prefix_cache, key)  # no model needed
+    for a, b, c in zip(first.hidden, memory.hidden, again.hidden, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
