@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -89,8 +90,9 @@ class CachedPrefix:
                     self.hidden.append(h[j, : len(ex.prepared.prompt.ids)].clone())
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.hidden, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs may write it too
+            torch.save(self.hidden, tmp)
+            tmp.replace(path)
 
 
 def prefix_key(cfg: FinetuneConfig, data_split: str, limit: int | None, first_layer: int) -> str:

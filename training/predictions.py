@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,7 @@ class PrefixCache:
     def save(self) -> None:
         if not self.complete:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # concurrent evaluations
             torch.save(self.rows, tmp)
             tmp.replace(self.path)
             self.complete = True
