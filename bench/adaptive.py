@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--margins", default="0,0.05,0.1,0.15,0.2,0.3")
     ap.add_argument("--risks", default="0.05,0.1,0.2")
+    ap.add_argument("--fixed-thresholds", default="", help="e.g. 0.5,0.6 besides the risks")
     ap.add_argument("--time-items", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
@@ -101,6 +102,13 @@ def main() -> None:
         table[str(risk)] = {
             "threshold": thr.value if math.isfinite(thr.value) else None,
             "rows": agreement_table(preds.mean_probs, preds.bma(a.samples), thr.value, margins),
+        }
+
+    for value in (float(x) for x in a.fixed_thresholds.split(",") if x.strip()):
+        # a fixed threshold: shows the rule's behaviour where the calibrated table has none
+        table[f"threshold={value:g}"] = {
+            "threshold": value,
+            "rows": agreement_table(preds.mean_probs, preds.bma(a.samples), value, margins),
         }
 
     loaded = load_checkpoint(a.model)

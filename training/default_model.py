@@ -175,7 +175,10 @@ def write_report(summary: dict, path: Path) -> Path:
         "numbers are in `app/default/quaver.json` under `recipe`. Accuracy in %, chance is",
         "1/(number of choices): 50 % for two-choice families, 25-33 % for the others.",
         "",
-        "## Wall-clock time per step (seconds)",
+        "## Wall-clock time per step of this invocation (seconds)",
+        "",
+        "A step at 0 s was already done by an earlier (interrupted or partial) invocation and",
+        "was reused; the README gives the times of the runs that did it.",
         "",
         "| step | s |",
         "|---|---|",
@@ -233,7 +236,7 @@ def ship(recipe: DefaultRecipe, aligned: Path, posterior: Path, summary: dict) -
     dest = Path(recipe.ship_dir)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(posterior, tmp)
+    shutil.copytree(posterior, tmp, ignore=shutil.ignore_patterns("predictions"))  # no caches
     write_overlay(tmp, load_checkpoint(aligned).model, PROJECTOR_PREFIX, recipe.base_dir)
     golden = record_golden(recipe.base_dir, tmp, recipe.data_dir, recipe.golden_items, recipe.seed)
     (tmp / GOLDEN_FILE).write_text(json.dumps(golden, indent=2) + "\n")
