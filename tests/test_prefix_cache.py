@@ -28,3 +28,5 @@ def test_cached_prefix_round_trips_through_disk(tiny_dir, tmp_path):
     again = CachedPrefix(None, examples, 2, pad, False, cfg.prefix_cache, key)  # no model needed
     for a, b, c in zip(first.hidden, memory.hidden, again.hidden, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+    h, lengths = again.batch([0, 2])  # (2, T_max, d), right-padded
+    assert h.shape[0] == 2 and lengths.tolist() == [len(first.hidden[0]), len(first.hidden[2])]

@@ -94,6 +94,9 @@ class CachedPrefix:
             torch.save(self.hidden, tmp)
             tmp.replace(path)
 
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_rows([self.hidden[i] for i in idx])
+
 
 def prefix_key(cfg: FinetuneConfig, data_split: str, limit: int | None, first_layer: int) -> str:
     """Cache key of one split's prefix hidden states (see CachedPrefix)."""
@@ -104,9 +107,6 @@ def prefix_key(cfg: FinetuneConfig, data_split: str, limit: int | None, first_la
     h.update((Path(cfg.data_dir) / "dataset.json").read_bytes())
     h.update(f"{Path(cfg.base_dir).resolve()}|{data_split}|{limit}|{first_layer}".encode())
     return f"{data_split}-L{first_layer}-{h.hexdigest()[:16]}"
-
-    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_rows([self.hidden[i] for i in idx])
 
 
 def _log_probs(model, cache, examples, idx, split, letter_ids):
