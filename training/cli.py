@@ -217,6 +217,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         base_dir=Path(args.base) if args.base else None,
         data_dir=Path(args.data) if args.data else None,
         threads=args.threads,
+        samples=tuple(int(k) for k in args.ks.split(",") if k.strip()),
     )
     results = run_report(cfg)
     for g in results["goals"]:
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--base", default=None, help="override both configs' base_dir")
     r.add_argument("--data", default=None, help="override both configs' data_dir")
     r.add_argument("--threads", type=int, default=0, help="torch threads for prediction")
+    r.add_argument("--ks", default="1,4,8,16,32", help="IVON BMA sample counts (must include 8)")
     r.set_defaults(func=cmd_report)
 
     a = sub.add_parser("ask", help="answer one question about an audio file")

@@ -136,6 +136,8 @@ def report_command(cfg: ReportConfig) -> str:
         parts.append(f"--base {cfg.base_dir}")
     if cfg.data_dir is not None:
         parts.append(f"--data {cfg.data_dir}")
+    if cfg.samples != (1, 4, 8, 16, 32):
+        parts.append(f"--ks {','.join(map(str, cfg.samples))}")
     return " ".join(parts)
 
 
