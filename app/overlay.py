@@ -33,7 +33,8 @@ OVERLAY_FILE = "base_overlay.safetensors"
 BASE_INFO_FILE = "quaver_base.json"  # written by `quaver build-base` next to the weights
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -79,7 +80,7 @@ def write_overlay(
         "recipe_hash": recipe,
         "overlay": {
             "file": OVERLAY_FILE,
-            "sha256": _sha256(out / OVERLAY_FILE),
+            "sha256": file_sha256(out / OVERLAY_FILE),
             "tensors": sorted(tensors),
         },
     }
@@ -113,7 +114,7 @@ def apply_overlay(posterior_dir: str | Path, loaded) -> list[str]:
     path = p / spec.get("file", OVERLAY_FILE)
     if not path.exists():
         raise PosteriorError(f"posterior {p} is missing its base overlay {path.name}")
-    if _sha256(path) != spec.get("sha256"):
+    if file_sha256(path) != spec.get("sha256"):
         raise PosteriorError(f"{path} does not match the sha256 recorded in {META_FILE}")
     tensors = load_file(path)
     if sorted(tensors) != sorted(spec.get("tensors", [])):

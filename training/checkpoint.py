@@ -20,6 +20,16 @@ STATE_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
 
 
+def weights_stamp(model_dir: Path) -> bytes:
+    """Cheap identity of a checkpoint's weights (names, sizes, mtimes of its .safetensors), for
+    caches of activations that depend on them; rewriting the weights changes it."""
+    parts = []
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        st = f.stat()
+        parts.append(f"{f.name}|{st.st_size}|{st.st_mtime_ns}")
+    return ";".join(parts).encode()
+
+
 def fingerprint(cfg_dict: dict) -> str:
     """Config fingerprint, ignoring fields that do not change the result (epochs may grow)."""
     keep = {

@@ -28,7 +28,7 @@ from app.forward import choice_log_probs, prefix_hidden, suffix_letter_logits
 from app.modeling import LoadedModel, load_checkpoint
 from app.posterior import LoRASpec, Posterior, save_posterior
 from training.batches import Example, epoch_order, make_batch, pad_rows, prepare_split
-from training.checkpoint import append_log, fingerprint, load_state, save_state
+from training.checkpoint import append_log, fingerprint, load_state, save_state, weights_stamp
 from training.config import FinetuneConfig, to_dict
 from training.distributed import DistInfo, all_reduce_grads, barrier, setup
 from training.ivon import IVON
@@ -100,10 +100,7 @@ class CachedPrefix:
 
 def prefix_key(cfg: FinetuneConfig, data_split: str, limit: int | None, first_layer: int) -> str:
     """Cache key of one split's prefix hidden states (see CachedPrefix)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(cfg.base_dir).glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h = hashlib.sha256(weights_stamp(cfg.base_dir))
     h.update((Path(cfg.data_dir) / "dataset.json").read_bytes())
     h.update(f"{Path(cfg.base_dir).resolve()}|{data_split}|{limit}|{first_layer}".encode())
     return f"{data_split}-L{first_layer}-{h.hexdigest()[:16]}"

@@ -32,6 +32,7 @@ from app.overlay import apply_overlay
 from app.posterior import load_posterior
 from app.predict import Predictor, Request
 from training.batches import pad_rows
+from training.checkpoint import weights_stamp
 from training.data.manifest import load_audio_file, read_manifest
 
 
@@ -47,10 +48,7 @@ class PrefixCache:
         split: str,
         first_layer: int,
     ) -> None:
-        h = hashlib.sha256()
-        for f in sorted(Path(base_dir).glob("*.safetensors")):
-            st = f.stat()
-            h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h = hashlib.sha256(weights_stamp(base_dir))
         meta = json.loads((Path(posterior_dir) / "quaver.json").read_text())
         overlay = meta.get("base", {}).get("overlay") or {}
         h.update(str(overlay.get("sha256")).encode())
