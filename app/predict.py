@@ -14,6 +14,7 @@ first LoRA layer run once per request (R rows), the layers above at sum(K_i) row
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,6 +84,29 @@ class Predictor:
             self.sampler = PosteriorSampler(posterior, loaded.device, dtype)
         self.letter_ids = loaded.letter_ids
         self.pad_id = loaded.tokenizer.pad_token_id or 0
+
+    @classmethod
+    def from_dirs(
+        cls,
+        model_dir: str | Path,
+        posterior_dir: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Predictor:
+        """Load a base checkpoint and a posterior directory the one way everything does: the
+        posterior is validated against the base, then its base overlay (if any, e.g. the
+        default's trained projector) is copied in, then the posterior is attached."""
+        from app.modeling import load_checkpoint
+        from app.overlay import apply_overlay
+        from app.posterior import load_posterior
+
+        loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
+        posterior = load_posterior(
+            posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
+        )
+        apply_overlay(posterior_dir, loaded)
+        return cls(loaded, posterior)
 
     @property
     def max_seconds(self) -> float:

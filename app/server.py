@@ -85,23 +85,17 @@ def load_predictor(settings: Settings) -> Predictor:
     """Default loader: base checkpoint + posterior from the settings' directories."""
     import torch
 
-    from app.modeling import load_checkpoint
-    from app.overlay import apply_overlay
-    from app.posterior import load_posterior
-
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    loaded = load_checkpoint(
-        settings.model_dir, device=device, dtype=getattr(torch, settings.dtype)
+    return Predictor.from_dirs(
+        settings.model_dir,
+        settings.posterior_dir,
+        device=device,
+        dtype=getattr(torch, settings.dtype),
     )
-    posterior = load_posterior(
-        settings.posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
-    )
-    apply_overlay(settings.posterior_dir, loaded)  # e.g. the default's stage-1 projector
-    return Predictor(loaded, posterior)
 
 
 class ServiceState:

@@ -28,8 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.modeling import load_checkpoint
-from app.overlay import apply_overlay
 from app.posterior import load_posterior
 from app.predict import Predictor, Request
 from app.thresholds import threshold_for
@@ -111,12 +109,7 @@ def main() -> None:
             "rows": agreement_table(preds.mean_probs, preds.bma(a.samples), value, margins),
         }
 
-    loaded = load_checkpoint(a.model)
-    apply_overlay(a.posterior, loaded)
-    predictor = Predictor(
-        loaded,
-        load_posterior(a.posterior, expected_config_hash=loaded.config_hash, model=loaded.model),
-    )
+    predictor = Predictor.from_dirs(a.model, a.posterior)
     items = read_manifest(Path(a.data), a.split)[: a.time_items]
     clips = [
         predictor.prepare(load_audio_file(Path(a.data), it), it.question, list(it.choices))

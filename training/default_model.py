@@ -86,18 +86,10 @@ def reworded_accuracy(
     base_dir: Path, posterior_dir: Path, data_dir: Path, per_family: int, progress: bool = True
 ) -> dict:
     """Posterior-mean accuracy on `test` items whose question is replaced by REWORDINGS."""
-    from app.modeling import load_checkpoint
-    from app.overlay import apply_overlay
-    from app.posterior import load_posterior
     from app.predict import Predictor, Request
     from training.data.manifest import load_audio_file, read_manifest
 
-    loaded = load_checkpoint(base_dir)
-    apply_overlay(posterior_dir, loaded)
-    predictor = Predictor(
-        loaded,
-        load_posterior(posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model),
-    )
+    predictor = Predictor.from_dirs(base_dir, posterior_dir)
     taken: dict[str, int] = {}
     hits: dict[str, list[int]] = {}
     for item in read_manifest(Path(data_dir), "test"):
@@ -129,18 +121,10 @@ def record_golden(
 ) -> dict:
     """Posterior-mean probabilities for the first `n` test items, through a freshly loaded base
     plus the shipped overlay: what tests/test_default_model.py must reproduce."""
-    from app.modeling import load_checkpoint
-    from app.overlay import apply_overlay
-    from app.posterior import load_posterior
     from app.predict import Predictor, Request
     from training.data.manifest import load_audio_file, read_manifest
 
-    loaded = load_checkpoint(base_dir)
-    apply_overlay(posterior_dir, loaded)
-    predictor = Predictor(
-        loaded,
-        load_posterior(posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model),
-    )
+    predictor = Predictor.from_dirs(base_dir, posterior_dir)
     items = []
     for index, item in enumerate(read_manifest(Path(data_dir), "test")[:n]):
         prepared = predictor.prepare(

@@ -27,9 +27,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from app.modeling import load_checkpoint
-from app.overlay import apply_overlay
-from app.posterior import load_posterior
 from app.predict import Predictor, Request
 from training.batches import pad_rows
 from training.checkpoint import weights_stamp
@@ -114,12 +111,7 @@ def predict_split(
         return SplitPredictions(
             z["mean_probs"], z["sample_probs"], z["labels"], z["n_choices"], z["families"]
         )
-    loaded = load_checkpoint(base_dir)
-    posterior = load_posterior(
-        posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
-    )
-    apply_overlay(posterior_dir, loaded)
-    predictor = Predictor(loaded, posterior)
+    predictor = Predictor.from_dirs(base_dir, posterior_dir)
     pcache = (
         PrefixCache(prefix_cache, base_dir, posterior_dir, data_dir, split, predictor.split)
         if prefix_cache is not None
@@ -144,7 +136,7 @@ def predict_split(
             if pcache is not None:
                 pcache.add(h, batch.lengths)
         else:
-            h, batch = pad_rows(cached)[0].to(loaded.device), predictor.batch(prepared)
+            h, batch = pad_rows(cached)[0].to(predictor.loaded.device), predictor.batch(prepared)
         means = predictor.predict([Request(p, samples=1) for p in prepared], prefix=(h, batch))
         draws = (
             predictor.predict(
