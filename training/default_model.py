@@ -90,25 +90,22 @@ def reworded_accuracy(
     from training.data.manifest import load_audio_file, read_manifest
 
     predictor = Predictor.from_dirs(base_dir, posterior_dir)
-    taken: dict[str, int] = {}
     hits: dict[str, list[int]] = {}
+    chance: dict[str, float] = {}  # 1 / choices of the family's first item
     for item in read_manifest(Path(data_dir), "test"):
         fam = item.family
-        if fam not in REWORDINGS or taken.get(fam, 0) >= per_family:
+        if fam not in REWORDINGS or len(hits.get(fam, [])) >= per_family:
             continue
-        taken[fam] = taken.get(fam, 0) + 1
+        chance.setdefault(fam, 1.0 / len(item.choices))
         prepared = predictor.prepare(
             load_audio_file(Path(data_dir), item), REWORDINGS[fam], list(item.choices)
         )
         [pred] = predictor.predict([Request(prepared, samples=1)])
         hits.setdefault(fam, []).append(int(pred.answer_index == item.answer_index))
     out = {
-        fam: {"accuracy": float(np.mean(h)), "n": len(h), "chance": None}
+        fam: {"accuracy": float(np.mean(h)), "n": len(h), "chance": chance[fam]}
         for fam, h in sorted(hits.items())
     }
-    for item in read_manifest(Path(data_dir), "test"):
-        if item.family in out and out[item.family]["chance"] is None:
-            out[item.family]["chance"] = 1.0 / len(item.choices)
     all_hits = [x for h in hits.values() for x in h]
     out["overall"] = {"accuracy": float(np.mean(all_hits)), "n": len(all_hits)}
     if progress:
