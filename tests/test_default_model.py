@@ -257,3 +257,19 @@ def test_prefix_cache_gives_the_same_predictions_and_is_shared(tiny_dir, tmp_pat
         np.testing.assert_allclose(with_cache.sample_probs, plain.sample_probs, atol=1e-5)
         results.append(plain.sample_probs)
     assert not np.allclose(results[0], results[1])  # two posteriors, one shared cache
+
+
+def test_step_times_survive_a_resumed_invocation(monkeypatch):
+    # A step finished by an earlier invocation keeps the time it took then, not ~0 s.
+    import time
+
+    import training.default_model as dm
+
+    monkeypatch.setattr(dm, "CACHED_S", 0.05)
+    times = {"align_s": 2736.0}
+    assert dm._timed(times, "align_s", lambda: "cached") == "cached"
+    assert times["align_s"] == 2736.0
+    dm._timed(times, "align_s", time.sleep, 0.1)  # it ran again: the new time counts
+    assert 0.05 <= times["align_s"] < 2736.0
+    dm._timed(times, "ship_s", lambda: None)  # never recorded before: its time, however short
+    assert times["ship_s"] < 0.05

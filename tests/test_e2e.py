@@ -6,6 +6,7 @@ CLI functions a user runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from app.modeling import load_checkpoint
 from app.posterior import load_posterior
 from app.server import create_app
 from app.settings import Settings
-from training.config import FinetuneConfig, PretrainConfig
+from training.config import AdamWConfig, FinetuneConfig, LoRAConfig, PretrainConfig
 from training.data.generate import BenchmarkConfig, generate_benchmark
 from training.data.manifest import read_manifest
 from training.finetune import finetune
@@ -95,6 +96,31 @@ def test_resume_continues_the_same_run(pipeline, tmp_path):
     for key in full.mean:
         assert resumed.mean[key].allclose(full.mean[key], atol=1e-6), key
         assert resumed.std[key].allclose(full.std[key], atol=1e-6), key
+
+
+def test_warm_start_begins_at_the_earlier_mean(pipeline, tmp_path):
+    # Stage 1b -> stage 2 of the default: `init_from` starts the adapter at an earlier run's mean.
+    from app.posterior import PosteriorError
+
+    _, _, post_dir, run = pipeline
+    warm = dataclasses.replace(
+        run,
+        out_dir=tmp_path / "w",
+        epochs=1,
+        init_from=post_dir,
+        optimizer="adamw",
+        adamw=AdamWConfig(lr=1e-12),  # a step that cannot move the weights
+    )
+    after = load_posterior(finetune(warm, progress=False))
+    before = load_posterior(post_dir)
+    assert after.meta["hyperparameters"]["init_from"] == str(post_dir)
+    for key in before.mean:
+        assert after.mean[key].allclose(before.mean[key], atol=1e-6), key
+    other = dataclasses.replace(
+        warm, out_dir=tmp_path / "x", lora=LoRAConfig(rank=4, alpha=8.0, top_layers=2)
+    )
+    with pytest.raises(PosteriorError, match="LoRA placement"):
+        finetune(other, progress=False)
 
 
 def test_evaluate_and_calibrate(pipeline, tmp_path):

@@ -30,6 +30,29 @@ def weights_stamp(model_dir: Path) -> bytes:
     return ";".join(parts).encode()
 
 
+def prefix_cache_key(
+    base_dir: Path,
+    data_dir: Path,
+    split: str,
+    first_layer: int,
+    limit: int | None = None,
+    overlay_sha: str | None = None,
+) -> str:
+    """File stem of one split's cached prefix hidden states (the states entering `first_layer`).
+
+    One key for fine-tuning (training.finetune.CachedPrefix) and prediction
+    (training.predictions.PrefixCache), so a split cached by either is reused by the other. It
+    covers everything the states depend on: the base's weight files, a base overlay applied at
+    load (its sha256), the benchmark, the split and its limit, the first LoRA layer.
+    """
+    h = hashlib.sha256(weights_stamp(base_dir))
+    h.update((Path(data_dir) / "dataset.json").read_bytes())
+    h.update(f"{Path(base_dir).resolve()}|{split}|{limit}|{first_layer}".encode())
+    if overlay_sha is not None:
+        h.update(f"|overlay {overlay_sha}".encode())
+    return f"{split}-L{first_layer}-{h.hexdigest()[:16]}"
+
+
 def fingerprint(cfg_dict: dict) -> str:
     """Config fingerprint, ignoring fields that do not change the result (epochs may grow)."""
     keep = {

@@ -169,6 +169,10 @@ class FinetuneConfig:
     # the same base, data split and first LoRA layer (other seeds, optimizers, hyperparameters);
     # None keeps them in memory for this run only.
     prefix_cache: Path | None = None
+    # Posterior directory of an earlier run on the same base with the same LoRA placement (e.g.
+    # the default's stage 1b, `configs/default-adapt.yaml`): its mean initialises the adapter
+    # instead of PEFT's init (A random, B = 0). None = PEFT's init.
+    init_from: Path | None = None
     checkpoint_every: int = 50  # steps between resumable checkpoints
     threads: int = 0  # torch threads (0 = torch's default)
 
@@ -180,6 +184,8 @@ class FinetuneConfig:
         )
         if self.prefix_cache is not None:
             self.prefix_cache = Path(self.prefix_cache)
+        if self.init_from is not None:
+            self.init_from = Path(self.init_from)
         if self.optimizer not in ("ivon", "adamw"):
             raise ConfigError(f"optimizer must be 'ivon' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1:

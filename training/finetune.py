@@ -26,9 +26,15 @@ from tqdm import tqdm
 
 from app.forward import choice_log_probs, prefix_hidden, suffix_letter_logits
 from app.modeling import LoadedModel, load_checkpoint
-from app.posterior import LoRASpec, Posterior, save_posterior
+from app.posterior import LoRASpec, Posterior, PosteriorError, load_posterior, save_posterior
 from training.batches import Example, epoch_order, make_batch, pad_rows, prepare_split
-from training.checkpoint import append_log, fingerprint, load_state, save_state, weights_stamp
+from training.checkpoint import (
+    append_log,
+    fingerprint,
+    load_state,
+    prefix_cache_key,
+    save_state,
+)
 from training.config import FinetuneConfig, to_dict
 from training.distributed import DistInfo, all_reduce_grads, barrier, setup
 from training.ivon import IVON
@@ -98,12 +104,32 @@ class CachedPrefix:
         return pad_rows([self.hidden[i] for i in idx])
 
 
+def warm_start(named, loaded: LoadedModel, spec: LoRASpec, init_from: Path) -> None:
+    """Copy the mean of posterior `init_from` into the LoRA parameters `named` (PEFT names).
+
+    The earlier run must sit on the same base (config hash) with the same LoRA placement; the
+    tensors are checked by `load_posterior` against the model's layers.
+    """
+    prior = load_posterior(init_from, expected_config_hash=loaded.config_hash, model=loaded.model)
+    if (prior.spec.rank, prior.spec.alpha, prior.spec.modules) != (
+        spec.rank,
+        spec.alpha,
+        spec.modules,
+    ):
+        raise PosteriorError(
+            f"init_from {init_from}: its LoRA placement (rank {prior.spec.rank}, alpha "
+            f"{prior.spec.alpha}, {len(prior.spec.modules)} modules) differs from this run's "
+            f"(rank {spec.rank}, alpha {spec.alpha}, {len(spec.modules)} modules)"
+        )
+    for name, p in named:
+        module, which = module_of(name)
+        with torch.no_grad():
+            p.copy_(prior.mean[f"{module}.lora_{which}.weight"])
+
+
 def prefix_key(cfg: FinetuneConfig, data_split: str, limit: int | None, first_layer: int) -> str:
     """Cache key of one split's prefix hidden states (see CachedPrefix)."""
-    h = hashlib.sha256(weights_stamp(cfg.base_dir))
-    h.update((Path(cfg.data_dir) / "dataset.json").read_bytes())
-    h.update(f"{Path(cfg.base_dir).resolve()}|{data_split}|{limit}|{first_layer}".encode())
-    return f"{data_split}-L{first_layer}-{h.hexdigest()[:16]}"
+    return prefix_cache_key(cfg.base_dir, cfg.data_dir, data_split, first_layer, limit)
 
 
 def _log_probs(model, cache, examples, idx, split, letter_ids):
@@ -168,6 +194,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     model = peft_model.base_model.model  # the Qwen2-Audio model, LoRA layers injected
     named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
+    if cfg.init_from is not None:
+        warm_start(named, loaded, spec, cfg.init_from)
     if cfg.optimizer == "ivon":
         ic = cfg.ivon
         opt = IVON(
@@ -287,8 +315,6 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
 
 def _write_rank_digest(cfg: FinetuneConfig, named, opt, info: DistInfo) -> None:
     """Each rank records a digest of its final posterior (ranks must agree exactly)."""
-    import hashlib
-
     h = hashlib.sha256()
     for _, p in named:
         h.update(p.detach().float().cpu().numpy().tobytes())

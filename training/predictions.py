@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from app.predict import Predictor, Request
 from training.batches import pad_rows
-from training.checkpoint import weights_stamp
+from training.checkpoint import prefix_cache_key
 from training.data.manifest import load_audio_file, read_manifest
 
 
@@ -45,13 +45,10 @@ class PrefixCache:
         split: str,
         first_layer: int,
     ) -> None:
-        h = hashlib.sha256(weights_stamp(base_dir))
         meta = json.loads((Path(posterior_dir) / "quaver.json").read_text())
-        overlay = meta.get("base", {}).get("overlay") or {}
-        h.update(str(overlay.get("sha256")).encode())
-        h.update((Path(data_dir) / "dataset.json").read_bytes())
-        h.update(f"{Path(base_dir).resolve()}|{split}|{first_layer}".encode())
-        self.path = Path(root) / f"{split}-L{first_layer}-{h.hexdigest()[:16]}.pt"
+        overlay = (meta.get("base", {}).get("overlay") or {}).get("sha256")
+        key = prefix_cache_key(base_dir, data_dir, split, first_layer, overlay_sha=overlay)
+        self.path = Path(root) / f"{key}.pt"  # the file fine-tuning writes for this split too
         self.rows: list[torch.Tensor] = (
             torch.load(self.path, weights_only=True) if self.path.exists() else []
         )
