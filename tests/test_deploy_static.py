@@ -197,7 +197,9 @@ def test_dockerfile_uses_the_native_install_commands():
     runs = [args for word, args in _instructions() if word == "RUN"]
     text = "\n".join(runs)
     assert re.search(r"pip install (--no-cache-dir )?torch==2\.13\.0", text)
-    assert re.search(r'pip install (--no-cache-dir )?-e "\.\[serve,train\]"', text)
+    assert re.search(r'pip install (--no-cache-dir )?-e "\.\[\$\{EXTRAS\}\]"', text)
+    # By default the same extras as the README's native install (bin/setup adds dev and ray).
+    assert re.search(r"^ARG EXTRAS=serve,train$", DOCKERFILE.read_text(), re.M)
     (build_base,) = re.findall(r"quaver build-base --out (\S+)", text)
     assert build_base == "/var/lib/quaver/base"
     cmds = [args for word, args in _instructions() if word == "CMD"]
