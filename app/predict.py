@@ -161,7 +161,8 @@ class Predictor:
         out, start = [], 0
         for req, k in zip(requests, ks, strict=True):
             c = len(req.prepared.choices)
-            out.append(summarize(probs[start : start + k, :c]))
+            # letters -> the user's order of the choices (app.prompt: canonical lettering)
+            out.append(summarize(req.prepared.prompt.to_user_order(probs[start : start + k, :c])))
             start += k
         return out
 

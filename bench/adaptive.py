@@ -1,6 +1,6 @@
 """Adaptive sampling: decide at the posterior mean, draw K samples only near the threshold.
 
-    python bench/adaptive.py --model work/default/aligned \
+    python bench/adaptive.py --model artifacts/base \
         --posterior work/default/runs/ivon/posterior --data work/default/data/bench
 
 The engine (app/engine.py) answers an adaptive request with one pass at the posterior mean and

@@ -4,6 +4,7 @@ import copy
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -98,7 +99,37 @@ def test_mean_matches_stock_peft_adapter(tiny_dir, posterior_dir):
     batch = collate([prep.prompt], [prep.audio], loaded.tokenizer.pad_token_id)
     with torch.no_grad():
         ref = letter_log_probs(peft_model.base_model.model, batch, loaded.letter_ids)[0, :3].exp()
+    ref = torch.from_numpy(prep.prompt.to_user_order(ref.numpy()))  # letters -> user's order
     torch.testing.assert_close(torch.from_numpy(ours.probs), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_canonical_order_maps_letters_back():
+    from app.prompt import PromptIds, canonical_order
+
+    order = canonical_order(["b", " A  c", "a b"])  # sorted: "a b", "a c", "b"
+    assert order == (2, 1, 0)
+    p = PromptIds(torch.zeros(3, dtype=torch.long), 0, 3, order)
+    assert [p.letter_of(i) for i in range(3)] == [2, 1, 0]
+    letters = np.array([[0.5, 0.3, 0.2]])  # A, B, C
+    np.testing.assert_array_equal(p.to_user_order(letters), [[0.2, 0.3, 0.5]])
+    assert PromptIds(torch.zeros(1, dtype=torch.long), 0, 2).order == (0, 1)
+
+
+def test_answer_does_not_depend_on_the_order_of_the_choices(tiny_dir, posterior_dir):
+    # Choices are lettered in one canonical order: a permuted request gets the same prompt, and
+    # its probabilities come back permuted, each still attached to its own choice.
+    loaded = load_checkpoint(tiny_dir)
+    predictor = Predictor(loaded, load_posterior(posterior_dir, model=loaded.model))
+    choices = ["two", "Four", "one", "three"]
+    perm = [2, 0, 3, 1]
+    a = predictor.prepare(tone(2.0, 440.0), "How many beeps?", choices)
+    b = predictor.prepare(tone(2.0, 440.0), "How many beeps?", [choices[i] for i in perm])
+    assert torch.equal(a.prompt.ids, b.prompt.ids)
+    assert a.prompt.order == (1, 2, 3, 0)  # Four, one, three, two (case-insensitive)
+    pa, pb = predictor.predict([Request(a, samples=4, seed=3), Request(b, samples=4, seed=3)])
+    np.testing.assert_allclose(pb.probs, pa.probs[perm], atol=1e-6)
+    assert choices[pa.answer_index] == [choices[i] for i in perm][pb.answer_index]
+    assert not np.allclose(pa.probs, pa.probs[perm])  # the check above can fail
 
 
 def test_samples_have_the_exported_std(tiny_dir, posterior_dir):
@@ -142,6 +173,7 @@ def test_sampled_rows_equal_explicit_weight_perturbation(tiny_dir, posterior_dir
                 a_k, b_k = a[k, :r], b[k, :, :r]  # scale already folded into b
                 mods[name].weight += b_k @ a_k
             ref = letter_log_probs(model_k, batch, loaded.letter_ids)[0, :3].exp()
+        ref = torch.from_numpy(prep.prompt.to_user_order(ref.numpy()))
         torch.testing.assert_close(
             torch.from_numpy(pred.sample_probs[k]), ref, atol=1e-5, rtol=1e-4
         )

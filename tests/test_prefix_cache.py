@@ -17,6 +17,8 @@ def test_cached_prefix_round_trips_through_disk(tiny_dir, tmp_path):
     generate_benchmark(BenchmarkConfig(seed=1, **sizes), data, progress=False)
     loaded = load_checkpoint(tiny_dir)
     examples = prepare_split(loaded, data, "train", progress=False)
+    for ex in examples:  # a label is the answer's letter in the prompt's canonical order
+        assert ex.prepared.choices[ex.prepared.prompt.order[ex.label]] == ex.item.answer
     cfg = FinetuneConfig(base_dir=tiny_dir, data_dir=data, prefix_cache=tmp_path / "pc")
     key = prefix_key(cfg, "train", None, 2)
     assert key != prefix_key(cfg, "calib", None, 2) != prefix_key(cfg, "train", None, 3)

@@ -23,7 +23,7 @@ from training.data.manifest import Item, load_audio_file, read_manifest
 @dataclass
 class Example:
     prepared: Prepared
-    label: int
+    label: int  # letter position of the answer in the prompt (0 = A), not item.answer_index
     item: Item
 
 
@@ -41,7 +41,8 @@ def prepare_split(
         feats = replace(feats, features=feats.features.half())
         n_audio = loaded.family.audio_tokens_for_frames(feats.n_frames)
         prompt = loaded.prompts.build(n_audio, item.question, list(item.choices))
-        out.append(Example(Prepared(feats, prompt, tuple(item.choices)), item.answer_index, item))
+        label = prompt.letter_of(item.answer_index)  # the answer's letter (canonical order)
+        out.append(Example(Prepared(feats, prompt, tuple(item.choices)), label, item))
     return out
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.prompt import PROMPT_VERSION
+
 STATE_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
 
@@ -43,11 +45,13 @@ def prefix_cache_key(
     One key for fine-tuning (training.finetune.CachedPrefix) and prediction
     (training.predictions.PrefixCache), so a split cached by either is reused by the other. It
     covers everything the states depend on: the base's weight files, a base overlay applied at
-    load (its sha256), the benchmark, the split and its limit, the first LoRA layer.
+    load (its sha256), the benchmark, the split and its limit, the first LoRA layer, the prompt
+    format (app.prompt.PROMPT_VERSION).
     """
     h = hashlib.sha256(weights_stamp(base_dir))
     h.update((Path(data_dir) / "dataset.json").read_bytes())
     h.update(f"{Path(base_dir).resolve()}|{split}|{limit}|{first_layer}".encode())
+    h.update(f"|prompt v{PROMPT_VERSION}".encode())
     if overlay_sha is not None:
         h.update(f"|overlay {overlay_sha}".encode())
     return f"{split}-L{first_layer}-{h.hexdigest()[:16]}"

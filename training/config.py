@@ -97,9 +97,6 @@ class PretrainConfig:
     eval_split: str = "calib"  # split whose accuracy is logged per epoch
     vocab_size: int = 1024  # tokenizer vocabulary (trained on the benchmark text)
     epochs: int = 6  # passes over the split
-    # First epochs with every item's choices in a fixed (sorted) order: the model learns to hear
-    # the answer before it must also find it among shuffled options (0 = shuffled throughout).
-    canonical_epochs: int = 0
     batch_size: int = 16  # prompts per step
     lr: float = 2e-3  # AdamW learning rate (cosine with warm-up)
     warmup_steps: int = 50  # linear warm-up steps
@@ -111,11 +108,6 @@ class PretrainConfig:
         self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("pretrain: epochs, batch_size and lr must be positive")
-        if not 0 <= self.canonical_epochs < self.epochs:
-            raise ConfigError(
-                "pretrain: need 0 <= canonical_epochs < epochs (the last epochs must use the "
-                f"served, shuffled order), got {self.canonical_epochs} of {self.epochs}"
-            )
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from app.predict import Predictor, Request
+from app.prompt import PROMPT_VERSION
 from training.batches import pad_rows
 from training.checkpoint import prefix_cache_key
 from training.data.manifest import load_audio_file, read_manifest
@@ -86,7 +87,8 @@ class SplitPredictions:
 def _cache_path(posterior_dir: Path, data_dir: Path, split: str, samples: int, seed: int) -> Path:
     meta = (Path(data_dir) / "dataset.json").read_bytes()
     post = (Path(posterior_dir) / "posterior.safetensors").read_bytes()
-    key = hashlib.sha256(meta + post + f"{split}|{samples}|{seed}".encode()).hexdigest()[:16]
+    tag = f"{split}|{samples}|{seed}|prompt v{PROMPT_VERSION}".encode()
+    key = hashlib.sha256(meta + post + tag).hexdigest()[:16]
     return Path(posterior_dir) / "predictions" / f"{split}-K{samples}-s{seed}-{key}.npz"
 
 

@@ -8,17 +8,13 @@ offered letters at the answer position, the same scores the server uses), and sa
 directory that `app.modeling.load_checkpoint` reads. Resumable: a run stopped midway continues
 from its last checkpoint.
 
-Curriculum: the benchmark shuffles each item's choices, so the answer letter is the composition
-of two skills, hearing the answer and finding its line among the options; trained on that alone,
-a model from scratch stays at chance, as neither skill earns any reward without the other. The
-first `canonical_epochs` epochs therefore show every item's choices in one fixed (sorted) order,
-where the letter follows from the audio and question alone; the later epochs use the manifest's
-shuffled order, the one served, and the model learns to look its answer up.
+The prompt letters the choices in a canonical (sorted) order (app.prompt), the order served, so
+the answer letter follows from the audio and question alone: the model does not also have to look
+its answer up among shuffled options, which a model trained from scratch did not learn.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
 import time
@@ -30,7 +26,7 @@ from tqdm import tqdm
 from app.family import AUDIO_TOKEN, build_model, tiny_config
 from app.forward import letter_log_probs
 from app.modeling import LoadedModel, load_checkpoint, save_checkpoint
-from training.batches import Example, epoch_order, make_batch, prepare_split
+from training.batches import epoch_order, make_batch, prepare_split
 from training.checkpoint import append_log, fingerprint, load_state, save_state
 from training.config import PretrainConfig, to_dict
 from training.data.manifest import read_manifest
@@ -63,19 +59,6 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def canonical_order(loaded: LoadedModel, examples: list[Example]) -> list[Example]:
-    """The same examples with each prompt's choices sorted (a fixed order per family), the
-    label moved with its answer; audio features are shared, not copied."""
-    out = []
-    for ex in examples:
-        choices = tuple(sorted(ex.prepared.choices))
-        label = choices.index(ex.prepared.choices[ex.label])
-        prompt = loaded.prompts.build(ex.prepared.prompt.n_audio, ex.item.question, choices)
-        prepared = dataclasses.replace(ex.prepared, prompt=prompt, choices=choices)
-        out.append(Example(prepared, label, ex.item))
-    return out
-
-
 @torch.no_grad()
 def accuracy(loaded: LoadedModel, examples, batch_size: int = 32) -> float:
     """Accuracy of the deterministic model on prepared examples."""
@@ -102,7 +85,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     model = loaded.model
     train = prepare_split(loaded, cfg.data_dir, cfg.split, progress=progress)
     evals = prepare_split(loaded, cfg.data_dir, cfg.eval_split, progress=progress)
-    canonical = canonical_order(loaded, train) if cfg.canonical_epochs else train
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -118,7 +100,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        examples = canonical if epoch < cfg.canonical_epochs else train
         losses, hits = [], 0
         bar = tqdm(
             epoch_order(len(train), cfg.batch_size, cfg.seed, epoch),
@@ -128,7 +109,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         for idx in bar:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_steps)
-            batch, labels = make_batch([examples[i] for i in idx], pad)
+            batch, labels = make_batch([train[i] for i in idx], pad)
             lp = letter_log_probs(model, batch, loaded.letter_ids)
             loss = torch.nn.functional.nll_loss(lp, labels)
             opt.zero_grad(set_to_none=True)
@@ -142,7 +123,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         record = {
             "stage": "pretrain",
             "epoch": epoch + 1,
-            "choice_order": "canonical" if epoch < cfg.canonical_epochs else "shuffled",
             "step": step,
             "loss": sum(losses) / len(losses),
             "train_acc": hits / len(train),
