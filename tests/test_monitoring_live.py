@@ -1,6 +1,6 @@
 """Monitoring against a live server: the real Prometheus binary scrapes Quaver on loopback.
 
-A tiny random model (or a trained one, see below) is served by uvicorn in this process; a small
+The shipped default (or another model, see below) is served by uvicorn in this process; a small
 benchmark is generated in a temp dir; bench/load.py sends the `test` split, then `test_shift`,
 with a few malformed requests so that the error series have data. Prometheus runs with the
 repository's rule files, scraping and evaluating every second. Checked:
@@ -16,11 +16,12 @@ window then holds that phase alone, which a long-running one would only show a m
 Before the first Prometheus starts, the same requests are sent once, so that every counter
 series already exists (`rate` cannot see the jump of a series born inside its window).
 
-Abstention higher under shift is only asserted for a trained model: point
-QUAVER_LIVE_MODEL_DIR and QUAVER_LIVE_POSTERIOR_DIR at one (QUAVER_LIVE_REQUESTS sets the
-requests per phase, default 48). The random tiny model's rates are printed, not judged.
-
-    python -m pytest tests/test_monitoring_live.py -q -s
+The app serves the shipped default (app/default on the base assembled from the pinned packages,
+shared with the slow tests), or the model QUAVER_LIVE_MODEL_DIR / QUAVER_LIVE_POSTERIOR_DIR
+name; the load asks for the risk targets its calibration table marks feasible, and abstention
+must be higher under shift (QUAVER_LIVE_REQUESTS sets the requests per phase, default 48).
+Where the default's packages are missing, a tiny random model is served instead and its rates
+are printed, not judged.
 """
 
 from __future__ import annotations
@@ -225,16 +226,38 @@ def run_phase(url: str, prom: Prometheus, name: str, payloads, cfg: LoadConfig) 
     }
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    work = tmp_path_factory.mktemp("live")
+def served(request, work: Path) -> tuple[Path, Path, tuple[float | None, ...], bool]:
+    """(model dir, posterior dir, risk targets the load asks for, trained?) of the app under test.
+
+    A trained model: the one QUAVER_LIVE_MODEL_DIR / QUAVER_LIVE_POSTERIOR_DIR name, else the
+    shipped default on the base assembled from the pinned packages (the session fixture the slow
+    tests share). It is asked for the risk targets its calibration could meet: at an infeasible
+    one the service abstains on everything, in both phases, and there is no shift to see. Where
+    the packages are missing: the tiny random model, whose confidences sit in a narrow band that
+    these targets split into both outcomes.
+    """
     if all(TRAINED):
         model_dir, post_dir = Path(TRAINED[0]), Path(TRAINED[1])
-        max_risks: tuple[float | None, ...] = (None,)  # the service's calibrated default
     else:
-        model_dir, post_dir = build_tiny(work / "tiny")
-        # Random model: confidences sit in a narrow band; these targets give both outcomes.
-        max_risks = (0.05, 0.1, 0.2, 0.5)
+        try:
+            model_dir, post_dir = (
+                request.getfixturevalue("assembled_base"),
+                ROOT / "app" / "default",
+            )
+        except pytest.skip.Exception:
+            model_dir, post_dir = build_tiny(work / "tiny")
+            return model_dir, post_dir, (0.05, 0.1, 0.2, 0.5), False
+    table = json.loads((post_dir / "quaver.json").read_text()).get("calibration") or {}
+    feasible = tuple(t["max_risk"] for t in table.get("targets", []) if t.get("feasible"))
+    if not feasible:
+        pytest.skip(f"{post_dir}: no calibrated risk target is feasible (always abstains)")
+    return model_dir, post_dir, feasible, True
+
+
+@pytest.fixture(scope="module")
+def live(request, tmp_path_factory):
+    work = tmp_path_factory.mktemp("live")
+    model_dir, post_dir, max_risks, trained = served(request, work)
     data = generate_benchmark(
         BenchmarkConfig(
             seed=0, pretrain=0, train=0, calib=0, test=N_REQUESTS, test_shift=N_REQUESTS
@@ -279,7 +302,12 @@ def live(tmp_path_factory):
                     f"{r['app_rate']:.4f} rule {r['rule_rate']:.4f}; load "
                     f"{r['report'].requests_per_s} req/s, status {r['report'].status}"
                 )
-            yield {"prom": proms[-1], "results": results, "rule_groups": rule_groups}
+            yield {
+                "prom": proms[-1],
+                "results": results,
+                "rule_groups": rule_groups,
+                "trained": trained,
+            }
     finally:
         for prom in proms:
             prom.stop()
@@ -333,10 +361,9 @@ def test_abstention_rule_matches_app_counters(live):
 def test_abstention_rises_under_shift(live):
     test, shift = live["results"]
     print(f"[live] abstention test {test['rule_rate']:.4f} -> test_shift {shift['rule_rate']:.4f}")
-    if not all(TRAINED):
+    if not live["trained"]:
         pytest.skip(
-            "random tiny model: abstention under shift is not meaningful (rates printed "
-            "above); set QUAVER_LIVE_MODEL_DIR and QUAVER_LIVE_POSTERIOR_DIR to a "
-            "trained model to assert it"
+            "random tiny model (the default's packages are missing): abstention under shift "
+            "is not meaningful (rates printed above)"
         )
     assert shift["rule_rate"] > test["rule_rate"]
