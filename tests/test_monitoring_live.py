@@ -41,6 +41,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.posterior import load_posterior
 from app.settings import Settings
 from bench.load import (
     LoadConfig,
@@ -247,7 +248,7 @@ def served(request, work: Path) -> tuple[Path, Path, tuple[float | None, ...], b
         except pytest.skip.Exception:
             model_dir, post_dir = build_tiny(work / "tiny")
             return model_dir, post_dir, (0.05, 0.1, 0.2, 0.5), False
-    table = json.loads((post_dir / "quaver.json").read_text()).get("calibration") or {}
+    table = load_posterior(post_dir).calibration or {}  # the format's one reader
     feasible = tuple(t["max_risk"] for t in table.get("targets", []) if t.get("feasible"))
     if not feasible:
         pytest.skip(f"{post_dir}: no calibrated risk target is feasible (always abstains)")
