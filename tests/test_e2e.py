@@ -98,6 +98,21 @@ def test_resume_continues_the_same_run(pipeline, tmp_path):
         assert resumed.std[key].allclose(full.std[key], atol=1e-6), key
 
 
+def test_finished_run_is_reused_only_with_the_same_settings(pipeline):
+    # `quaver report` and `quaver default` skip finished runs: a changed config must not be
+    # answered with the posterior of the old one.
+    from training.config import ConfigError
+
+    _, _, post_dir, run = pipeline
+    before = (post_dir / "posterior.safetensors").stat().st_mtime_ns
+    same = dataclasses.replace(run, threads=1)  # threads do not change the result
+    assert finetune(same, progress=False) == post_dir
+    assert (post_dir / "posterior.safetensors").stat().st_mtime_ns == before
+    changed = dataclasses.replace(run, ivon=dataclasses.replace(run.ivon, lr=run.ivon.lr / 3))
+    with pytest.raises(ConfigError, match=r"other settings \(ivon\.lr: "):
+        finetune(changed, progress=False)
+
+
 def test_warm_start_begins_at_the_earlier_mean(pipeline, tmp_path):
     # Stage 1b -> stage 2 of the default: `init_from` starts the adapter at an earlier run's mean.
     from app.posterior import PosteriorError

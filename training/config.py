@@ -186,6 +186,25 @@ class FinetuneConfig:
             raise ConfigError("eval_split must not be 'test': tune on calib, report on test")
 
 
+def _coerce_number(owner: str, key: str, hint, value):
+    """Numbers for `float` / `int` fields, or one clear error.
+
+    YAML 1.1 reads `1e5` (no dot, no exponent sign) as a string, and `--set ivon.ess=1e5` is the
+    natural way to type it; without this the dataclass check would fail with a bare TypeError.
+    """
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{owner}.{key}: expected a number, got {value!r}") from None
+    if hint is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{owner}.{key}: expected an integer, got {value!r}") from None
+    return value
+
+
 def _build(cls, data: dict):
     """Instantiate dataclass `cls` from a dict, recursing into dataclass-typed fields."""
     if not isinstance(data, dict):
@@ -200,7 +219,7 @@ def _build(cls, data: dict):
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = _build(hint, value)
-        kwargs[key] = value
+        kwargs[key] = _coerce_number(cls.__name__, key, hint, value)
     try:
         return cls(**kwargs)
     except TypeError as exc:

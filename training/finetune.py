@@ -35,7 +35,7 @@ from training.checkpoint import (
     prefix_cache_key,
     save_state,
 )
-from training.config import FinetuneConfig, to_dict
+from training.config import ConfigError, FinetuneConfig, to_dict
 from training.distributed import DistInfo, all_reduce_grads, barrier, setup
 from training.ivon import IVON
 
@@ -155,11 +155,36 @@ def evaluate_mean(model, cache, examples, split, letter_ids) -> dict:
     }
 
 
+# settings that do not change what a finished run learned
+_NOT_RESULT = ("threads", "checkpoint_every", "out_dir", "prefix_cache")
+
+
+def settings_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """'key: stored -> wanted' for each setting that differs, nested keys dotted."""
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        if not prefix and key in _NOT_RESULT:
+            continue
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     """Run stage 2 and export; returns the posterior directory."""
     post_dir = cfg.out_dir / "posterior"
     if (post_dir / "quaver.json").exists():
-        print(f"[finetune] {post_dir} exists: nothing to do")
+        stored = json.loads((post_dir / "quaver.json").read_text()).get("hyperparameters", {})
+        diff = settings_diff(stored, to_dict(cfg))
+        if diff:
+            raise ConfigError(
+                f"{post_dir} holds a finished run with other settings ({'; '.join(diff)}): "
+                "remove that directory or choose another out_dir"
+            )
+        print(f"[finetune] {post_dir} exists with these settings: nothing to do")
         return post_dir
     info = setup()  # torchrun: one rank per process; otherwise a single process
     progress = progress and info.is_main

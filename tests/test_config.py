@@ -1,0 +1,55 @@
+"""Config loading: every shipped YAML file loads, `--set` overrides are typed, bad values fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.cli import _overrides, _stage
+from training.config import (
+    AlignConfig,
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    load_config,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CLASSES = {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "align": AlignConfig}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path, CLASSES[_stage(path)])
+    assert cfg is not None
+
+
+def test_set_exponent_without_dot_is_a_number() -> None:
+    # YAML 1.1 reads "1e5" as a string; the field is a float, so it must arrive as 100000.0.
+    overrides = _overrides(["ivon.ess=1e5", "ivon.lr=0.1", "epochs=2"])
+    assert overrides["ivon.ess"] == "1e5"  # what YAML gives: the case being fixed
+    cfg = load_config(CONFIGS / "default-ivon.yaml", FinetuneConfig, overrides)
+    assert cfg.ivon.ess == 100000.0 and isinstance(cfg.ivon.ess, float)
+    assert cfg.ivon.lr == 0.1 and cfg.epochs == 2
+
+
+def test_set_integer_field_from_string() -> None:
+    cfg = load_config(CONFIGS / "default-ivon.yaml", FinetuneConfig, {"epochs": "3"})
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"ivon.ess": "lots"}, "IVONConfig.ess: expected a number, got 'lots'"),
+        ({"epochs": "two"}, "FinetuneConfig.epochs: expected an integer, got 'two'"),
+        ({"ivon.ess": -1.0}, "must be positive"),
+        ({"ivon.essx": 1.0}, "unknown keys ['essx']"),
+        ({"eval_split": "test"}, "must not be 'test'"),
+    ],
+)
+def test_bad_values_are_refused_clearly(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "default-ivon.yaml", FinetuneConfig, overrides)
+    assert message in str(err.value)
