@@ -53,3 +53,18 @@ def test_bad_values_are_refused_clearly(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "default-ivon.yaml", FinetuneConfig, overrides)
     assert message in str(err.value)
+
+
+def test_cli_reports_input_errors_without_a_traceback(tmp_path: Path, capsys) -> None:
+    from training.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((CONFIGS / "default-ivon.yaml").read_text())
+    assert main(["train", "--config", str(bad), "--set", "ivon.ess=lots"]) == 2
+    err = capsys.readouterr().err
+    assert "quaver train: error: IVONConfig.ess: expected a number, got 'lots'" in err
+    assert "Traceback" not in err
+    missing = tmp_path / "no-such-posterior"
+    code = main(["evaluate", "--base", str(tmp_path), "--posterior", str(missing)])
+    assert code == 2
+    assert "quaver evaluate: error:" in capsys.readouterr().err

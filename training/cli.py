@@ -342,7 +342,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _user_error(exc):
+            raise
+        # the user's input is wrong (a path, a config, a posterior): say what, without a traceback
+        print(f"quaver {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _user_error(exc: Exception) -> bool:
+    """Errors caused by the command's input rather than by a bug (those keep their traceback)."""
+    # Imported here: these modules load torch/transformers, which `quaver --help` should not.
+    from app.modeling import ModelLoadError
+    from app.posterior import PosteriorError
+    from training.config import ConfigError
+
+    return isinstance(exc, (FileNotFoundError, ConfigError, PosteriorError, ModelLoadError))
 
 
 if __name__ == "__main__":
