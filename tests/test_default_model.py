@@ -171,7 +171,19 @@ def test_report_tables_every_family_and_predictor(tmp_path):
             "overall": {"accuracy": 0.5, "n": 20},
         },
     }
-    text = write_report(summary, tmp_path / "r.md").read_text()
+    reports = tmp_path / "reports"
+    for run in ("ivon-test", "adamw-test_shift"):
+        (reports / run).mkdir(parents=True)
+        (reports / run / "reliability.png").write_bytes(b"png " + run.encode())
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "stale-plot.png").write_bytes(b"old")  # from an earlier report: removed
+    text = write_report(summary, tmp_path / "r.md", reports).read_text()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "adamw-test_shift-reliability.png",
+        "ivon-test-reliability.png",
+    ]
+    assert (tmp_path / "r" / "ivon-test-reliability.png").read_bytes() == b"png ivon-test"
+    assert "![ivon-test-reliability](r/ivon-test-reliability.png)" in text
     assert "| count | 80.0 | 70.0 | 60.0 |" in text
     assert "| loudness | 20.0 | 30.0 | 40.0 |" in text
     assert "## Accuracy per family on `test_shift`" in text

@@ -164,8 +164,23 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * float(x):.1f}"
 
 
-def write_report(summary: dict, path: Path) -> Path:
-    """docs/default_model.md: per-family accuracy and the headline metrics, from `summary`."""
+def copy_figures(reports: Path, dest: Path) -> list[Path]:
+    """Copy `<reports>/<run>-<split>/*.png` (what `evaluate_posterior` drew) to `dest` as
+    `<run>-<split>-<plot>.png`, replacing the earlier copies; returns the copies, sorted."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("*.png"):
+        old.unlink()
+    out = []
+    for png in sorted(Path(reports).glob("*/*.png")):
+        target = dest / f"{png.parent.name}-{png.name}"
+        shutil.copyfile(png, target)
+        out.append(target)
+    return out
+
+
+def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path:
+    """docs/default_model.md: per-family accuracy and the headline metrics, from `summary`;
+    with `reports`, the evaluation's plots are copied to `<path's folder>/<path's stem>/`."""
     res, times = summary["results"], summary["times_s"]
     lines = [
         "# The embedded default: measured results",
@@ -223,6 +238,11 @@ def write_report(summary: dict, path: Path) -> Path:
         ],
         "",
     ]
+    if reports is not None:
+        figures = copy_figures(reports, Path(path).with_suffix(""))
+        lines += ["## Plots", ""]
+        lines += [f"![{f.stem}]({Path(path).stem}/{f.name})" for f in figures]
+        lines.append("")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines))
     return Path(path)
@@ -356,7 +376,8 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     }
     summary_path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
     if recipe.report is not None:
-        print(f"[default] report: {write_report(summary, recipe.report)}", flush=True)
+        report = write_report(summary, recipe.report, work / "reports")
+        print(f"[default] report: {report}", flush=True)
     if recipe.ship_dir is not None:
         shipped = _timed(times, "ship_s", ship, recipe, aligned, posts["ivon"], summary)
         print(f"[default] shipped to {shipped}", flush=True)
