@@ -263,6 +263,10 @@ def test_prefix_cache_gives_the_same_predictions_and_is_shared(tiny_dir, tmp_pat
             prefix_cache=cache,
         )
         assert len(list(cache.glob("*.pt"))) == 1  # written by the first, reused by the second
+        [saved] = (post / "predictions").iterdir()  # one finished .npz, no temporary left over
+        assert saved.suffix == ".npz"
+        again = predict_split(tiny_dir, post, data, "test", samples=3, progress=False)
+        np.testing.assert_array_equal(again.sample_probs, with_cache.sample_probs)  # read back
         shutil.rmtree(post / "predictions")
         plain = predict_split(tiny_dir, post, data, "test", samples=3, batch_size=4, progress=False)
         np.testing.assert_allclose(with_cache.mean_probs, plain.mean_probs, atol=1e-5)

@@ -4,6 +4,7 @@ tiny pipeline (toy benchmark, one-epoch stage 1, two seeds of one-epoch IVON and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,6 +184,14 @@ def test_report_files_cover_every_predictor_and_split(report):
     assert res["runs"]["ivon"]["0"] == str(work / "runs" / "ivon" / "posterior")
     assert res["runs"]["adamw"]["1"] == str(work / "runs" / "adamw-s1" / "posterior")
     assert any((work / "prefix-cache").iterdir())
+    # the runs' own training time, summed from each posterior (not this invocation's wall time)
+    trained = [
+        json.loads((Path(res["runs"][w][s]) / "quaver.json").read_text())["train_seconds"]
+        for w in ("ivon", "adamw")
+        for s in ("0", "1")
+    ]
+    assert res["times_s"]["finetune_runs_s"] == pytest.approx(sum(trained), abs=0.1)
+    assert all(t > 0 for t in trained)
     # goals are computed, one line each, PASS / FAIL
     assert len(res["goals"]) == 4 * 2 + 2
     assert all(g["pass"] in (True, False) for g in res["goals"])

@@ -162,12 +162,17 @@ def predict_split(
         np.array([i.family for i in items]),
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        cache,
-        mean_probs=out.mean_probs,
-        sample_probs=out.sample_probs,
-        labels=out.labels,
-        n_choices=out.n_choices,
-        families=out.families,
-    )
+    # written whole, then renamed: a run stopped mid-write leaves no half file to be read back,
+    # and two processes predicting the same split never read each other's partial output
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(
+            f,
+            mean_probs=out.mean_probs,
+            sample_probs=out.sample_probs,
+            labels=out.labels,
+            n_choices=out.n_choices,
+            families=out.families,
+        )
+    os.replace(tmp, cache)
     return out
