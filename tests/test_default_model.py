@@ -234,7 +234,7 @@ def test_prefix_cache_gives_the_same_predictions_and_is_shared(tiny_dir, tmp_pat
     from app.posterior import save_posterior
     from tests.conftest import CALIBRATION, random_posterior
     from training.data.generate import BenchmarkConfig, generate_benchmark
-    from training.predictions import predict_split
+    from training.predictions import is_cached, predict_split
 
     data = tmp_path / "bench"
     sizes = {"pretrain": 0, "train": 0, "calib": 0, "test": 6, "test_shift": 0}
@@ -252,6 +252,7 @@ def test_prefix_cache_gives_the_same_predictions_and_is_shared(tiny_dir, tmp_pat
     cache = tmp_path / "pc"
     results = []
     for post in posts:
+        assert not is_cached(post, data, "test", samples=3)
         with_cache = predict_split(
             tiny_dir,
             post,
@@ -263,6 +264,8 @@ def test_prefix_cache_gives_the_same_predictions_and_is_shared(tiny_dir, tmp_pat
             prefix_cache=cache,
         )
         assert len(list(cache.glob("*.pt"))) == 1  # written by the first, reused by the second
+        assert is_cached(post, data, "test", samples=3)
+        assert not is_cached(post, data, "test", samples=3, seed=1)  # another draw of the noise
         [saved] = (post / "predictions").iterdir()  # one finished .npz, no temporary left over
         assert saved.suffix == ".npz"
         again = predict_split(tiny_dir, post, data, "test", samples=3, progress=False)

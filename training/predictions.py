@@ -92,6 +92,11 @@ def _cache_path(posterior_dir: Path, data_dir: Path, split: str, samples: int, s
     return Path(posterior_dir) / "predictions" / f"{split}-K{samples}-s{seed}-{key}.npz"
 
 
+def is_cached(posterior_dir: Path, data_dir: Path, split: str, samples: int, seed: int = 0) -> bool:
+    """Whether `predict_split` with these arguments would read its answer from disk."""
+    return _cache_path(posterior_dir, data_dir, split, samples, seed).exists()
+
+
 def predict_split(
     base_dir: Path,
     posterior_dir: Path,

@@ -665,6 +665,8 @@ def run_report(cfg: ReportConfig) -> dict:
     times["total_s"] = round(time.time() - t0, 1)
     results["times_s"] = times
 
+    # the sweep log kept by hand next to the report (docs/sweeps.md), linked when present
+    results["sweeps"] = "sweeps.md" if (cfg.out / "sweeps.md").exists() else None
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (cfg.out / "results.md").write_text(render_markdown(results))
@@ -810,6 +812,11 @@ def render_markdown(results: dict) -> str:
     ]
     if len(seeds) < 3:
         lines.append(f"- Only {len(seeds)} seed(s): fewer than the 3 the evaluation asks for.")
+    if results.get("sweeps"):
+        lines.append(
+            f"- How these settings were chosen (runs compared on calib, never on test): "
+            f"[{results['sweeps']}]({results['sweeps']})."
+        )
     lines += ["", "## Goal checks", ""]
     for g in results["goals"]:
         verdict = "n/a" if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")
