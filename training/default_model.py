@@ -324,16 +324,17 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     results: dict[str, dict] = {}
     pc = work / "prefix-cache"  # shared by every posterior with LoRA in the same layers
     t = time.time()
+    # AdamW's posterior has std 0: its K samples would all be the mean, so K=1.
+    ks = {name: recipe.samples if name == "ivon" else 1 for name in posts}
     # Predictions made earlier (by a previous invocation or by `quaver report`) are read back in
     # seconds: the step's time is then the one recorded when it really ran.
     cached = all(
-        is_cached(post, recipe.data_dir, split, recipe.samples if name == "ivon" else 1)
+        is_cached(post, recipe.data_dir, split, ks[name])
         for name, post in posts.items()
         for split in ("calib", "test", "test_shift")
     )
     for name, post in posts.items():
-        # AdamW's posterior has std 0: its K samples would all be the mean, so K=1.
-        k = recipe.samples if name == "ivon" else 1
+        k = ks[name]
         calibrate_posterior(
             aligned, post, recipe.data_dir, "calib", samples=k, progress=progress, prefix_cache=pc
         )
