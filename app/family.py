@@ -57,6 +57,28 @@ class ModelFamily:
         """Module path of decoder layer `layer`, relative to the full model."""
         return f"model.language_model.layers.{layer}"
 
+    def run_audio_tower(
+        self, tower: nn.Module, features: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The encoder's forward on a mel window up to its full length (the stock forward only
+        takes the full window): features (R, n_mels, F), F even -> hidden (R, F / 4, d_audio).
+
+        Same modules, same order as `Qwen2AudioEncoder.forward` (conv1, conv2, fixed positions,
+        layers, pool by 2, layer norm); positions are the first F / 2 rows of the table.
+        """
+        x = nn.functional.gelu(tower.conv1(features))
+        x = nn.functional.gelu(tower.conv2(x)).permute(0, 2, 1)  # (R, F / 2, d_audio)
+        if x.shape[1] > tower.embed_positions.weight.shape[0]:
+            raise ValueError(f"mel window of {features.shape[-1]} frames exceeds the encoder's")
+        h = x + tower.embed_positions.weight[: x.shape[1]]
+        h = nn.functional.dropout(h, p=tower.dropout, training=tower.training)
+        for layer in tower.layers:
+            if tower.training and tower.layerdrop > 0 and torch.rand([]) < tower.layerdrop:
+                continue
+            h = layer(h, attention_mask)
+        h = tower.avg_pooler(h.permute(0, 2, 1)).permute(0, 2, 1)  # (R, F / 4, d_audio)
+        return tower.layer_norm(h)
+
     def audio_token_id(self, model: nn.Module) -> int:
         return int(model.config.audio_token_id)
 

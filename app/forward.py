@@ -72,7 +72,13 @@ def audio_hidden(
     tower = family.audio_tower(model)
     dtype = next(tower.parameters()).dtype
     conv_lens, out_lens = tower._get_feat_extract_output_lengths(n_frames)
-    rows, _, mel_len = features.shape
+    # Only the frames up to the longest clip (+2 for the two convolutions' right context) can
+    # reach a real audio token, so the window is cut there: (R, n_mels, W) -> (R, n_mels, mel_len).
+    # Padded positions are masked out of attention, so the real tokens are unchanged; a batch of
+    # 3 s clips in a 6 s window costs half the encoder compute.
+    mel_len = min(features.shape[-1], -(-(int(n_frames.max()) + 2) // 4) * 4)
+    features = features[..., :mel_len]
+    rows = features.shape[0]
     enc_len = (mel_len - 2) // 2 + 1  # positions after conv2 (stride 2)
     pos = torch.arange(enc_len, device=features.device)[None, :]
     mask_2d = (pos < conv_lens[:, None]).long()  # (R, enc_len): 1 = real frame
@@ -80,7 +86,7 @@ def audio_hidden(
     mask = create_bidirectional_mask(
         config=tower.config, inputs_embeds=dummy, attention_mask=mask_2d
     )
-    hidden = tower(features.to(dtype), attention_mask=mask).last_hidden_state
+    hidden = family.run_audio_tower(tower, features.to(dtype), mask)
     return hidden, out_lens
 
 

@@ -222,3 +222,35 @@ def test_summarize_undefined_auroc_is_null():
     assert rep["overall"]["auroc"] is None
     assert rep["by_family"] == {}
     json.dumps(rep, allow_nan=False)
+
+
+def test_above_chance_tells_guessing_from_skill():
+    from training.metrics import above_chance
+
+    rng = np.random.default_rng(0)
+    k = rng.choice([2, 3, 4], size=400)
+    guess = rng.random(400) < 1.0 / k  # a guesser: right with probability 1/k per item
+    skilled = rng.random(400) < 0.5 + 0.5 / k  # halfway between guessing and always right
+    g, s = above_chance(guess, k), above_chance(skilled, k)
+    assert g["chance"] == pytest.approx((1 / k).mean())
+    assert g["p_above_chance"] > 0.01
+    assert s["p_above_chance"] < 1e-6 and s["z"] > 5
+    # exactly chance-level hits on 2-choice items: z just below 0 (continuity correction)
+    half = np.arange(100) % 2 == 0
+    assert above_chance(half, np.full(100, 2))["z"] == pytest.approx(-0.1)
+    with pytest.raises(ValueError, match="n_choices"):
+        above_chance(half, np.zeros(100))
+
+
+def test_summarize_reports_chance_per_family():
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.3, 0.3, 0.4], [0.6, 0.4, 0.0]])
+    report = M.summarize(
+        probs,
+        np.array([0, 1, 2, 1]),
+        np.array(["a", "a", "b", "b"]),
+        n_choices=np.array([2, 2, 3, 2]),
+    )
+    assert report["by_family"]["a"]["chance"] == pytest.approx(0.5)
+    assert report["by_family"]["b"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert report["overall"]["chance"] == pytest.approx((0.5 * 3 + 1 / 3) / 4)
+    assert 0 < report["by_family"]["a"]["p_above_chance"] < 0.5

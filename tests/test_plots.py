@@ -64,3 +64,17 @@ def test_metrics_vs_samples_and_shift_bars(tmp_path):
         },
     }
     assert _is_png(P.shift_bars(results, tmp_path / "shift.png"))
+
+
+def test_family_bars_and_learning_curves(tmp_path):
+    acc = {"IVON mean": {"count": 0.8, "order": 0.5}, "AdamW": {"count": 0.7, "order": 0.45}}
+    out = P.family_accuracy_bars(acc, {"count": 0.25, "order": 0.48}, tmp_path / "fam.png")
+    assert _is_png(out)
+    with pytest.raises(ValueError, match="chance"):
+        P.family_accuracy_bars(acc, {}, tmp_path / "none.png")
+    out = P.learning_curves(
+        [188, 376], {"count": [0.3, 0.5], "order": [0.4, 0.5]}, tmp_path / "lc.png"
+    )
+    assert _is_png(out)
+    with pytest.raises(ValueError, match="steps"):
+        P.learning_curves([188], {"count": [0.3, 0.5]}, tmp_path / "bad.png")

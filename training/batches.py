@@ -60,6 +60,28 @@ def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int
     return [idx[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def bucketed_order(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, bucket_batches: int = 32
+) -> list[list[int]]:
+    """Like `epoch_order`, but each batch holds items of similar length (audio frames).
+
+    The shuffled items are cut into pools of `bucket_batches` batches, each pool is sorted by
+    length and cut into batches, and the batches are shuffled. A batch costs as much as its
+    longest clip (the encoder window and the padded prompt), so this cuts a step's cost by about
+    a third on the benchmark's 2-6 s clips, while batches stay random mixes of families.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    pool = batch_size * bucket_batches
+    batches = []
+    for i in range(0, len(idx), pool):
+        chunk = sorted(idx[i : i + pool], key=lambda j: lengths[j])
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def iterate(examples: list, batch_size: int) -> Iterator[list]:
     for i in range(0, len(examples), batch_size):
         yield examples[i : i + batch_size]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 
@@ -84,69 +83,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """The tiny pipeline end to end, timed: data -> stage 1 -> IVON and AdamW -> evaluation."""
-    from training.config import FinetuneConfig, PretrainConfig, load_config
-    from training.data.generate import BenchmarkConfig, generate_benchmark
-    from training.finetune import finetune
-    from training.pretrain import pretrain
+    from training.pipeline import run_pipeline
 
-    work = Path(args.work)
-    configs = Path(args.configs)
-    data_dir = work / "data" / "bench"
-    times = {}
-    t = time.time()
-    generate_benchmark(BenchmarkConfig(seed=args.seed), data_dir)
-    times["data_s"] = time.time() - t
-    t = time.time()
-    pre = load_config(
-        configs / "tiny-pretrain.yaml",
-        PretrainConfig,
-        {"data_dir": str(data_dir), "out_dir": str(work / "artifacts" / "tiny-base")},
-    )
-    base = pretrain(pre)
-    times["pretrain_s"] = time.time() - t
-    posts = {}
-    for name in ("ivon", "adamw"):
-        t = time.time()
-        cfg = load_config(
-            configs / f"tiny-{name}.yaml",
-            FinetuneConfig,
-            {
-                "data_dir": str(data_dir),
-                "base_dir": str(base),
-                "out_dir": str(work / "runs" / f"tiny-{name}"),
-            },
-        )
-        posts[name] = finetune(cfg)
-        times[f"{name}_s"] = time.time() - t
-    t = time.time()
-    from training.evaluate import calibrate_posterior, evaluate_posterior
-
-    results = {}
-    for name, post in posts.items():
-        calibrate_posterior(base, post, data_dir, "calib", samples=args.samples, progress=False)
-        res = evaluate_posterior(
-            base,
-            post,
-            data_dir,
-            "test",
-            samples=args.samples,
-            out_dir=work / "reports" / f"tiny-{name}",
-            progress=False,
-        )
-        results[name] = {k: v["overall"] for k, v in res.items() if isinstance(v, dict)}
-        results[name]["by_family_accuracy"] = {
-            fam: m["accuracy"] for fam, m in res["mean"]["by_family"].items()
-        }
-    times["evaluate_s"] = time.time() - t
-    times["total_s"] = sum(times.values())
-    summary = {
-        "times": times,
-        "test": results,
-        "base": str(base),
-        "posteriors": {k: str(v) for k, v in posts.items()},
-    }
-    (work / "pipeline.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(json.dumps(summary, indent=2, default=float))
+    summary = run_pipeline(Path(args.work), Path(args.configs), args.seed, args.samples)
+    print(json.dumps({"times_s": summary["times_s"], "test": summary["test"]}, indent=2))
+    print(f"report: {Path(args.work) / 'pipeline.md'}")
 
 
 def cmd_default(args: argparse.Namespace) -> None:

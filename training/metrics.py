@@ -365,6 +365,29 @@ def risk_averse_confidence(
 # ---------------------------------------------------------------------------------------------
 
 
+def above_chance(correct: np.ndarray, n_choices: np.ndarray) -> dict[str, float]:
+    """Is accuracy above guessing? {"chance", "z", "p_above_chance"}.
+
+    A guesser gets item i right with probability 1 / n_choices_i, so its number of hits is
+    Poisson-binomial with mean sum(c_i) and variance sum(c_i (1 - c_i)); `z` is the observed hits'
+    distance from that mean in standard deviations and `p_above_chance` the one-sided p-value
+    (normal approximation, with a continuity correction of half a hit).
+    """
+    right = np.asarray(correct, dtype=bool)
+    k = np.asarray(n_choices, dtype=np.float64)
+    if right.shape != k.shape or right.ndim != 1 or not len(right):
+        raise ValueError(
+            f"correct {right.shape} and n_choices {k.shape} must be equal, 1-D, non-empty"
+        )
+    if (k < 1).any():
+        raise ValueError("n_choices must be >= 1")
+    c = 1.0 / k  # each item's chance of a guess being right
+    sd = math.sqrt(float((c * (1 - c)).sum()))
+    excess = float(right.sum() - c.sum())
+    z = (excess - 0.5) / sd if sd > 0 else (math.inf if excess > 0 else -math.inf)
+    return {"chance": float(c.mean()), "z": z, "p_above_chance": 0.5 * math.erfc(z / math.sqrt(2))}
+
+
 def _json_float(x: float) -> float | None:
     """Plain float for JSON; nan/inf (undefined metrics) become None."""
     x = float(x)
@@ -439,8 +462,8 @@ def summarize(
     where M maps: n, accuracy, ece, mce, nll, brier, mean_confidence, mean_entropy, auroc, aurc,
     e_aurc, coverage_at_risk_<r> for r in risks, risk_at_coverage_<c> for c in coverages and,
     with sample_probs (n, K, C): samples, mean_mutual_information, mean_agreement,
-    auroc_mutual_information, auroc_agreement, auroc_risk_averse, aurc_risk_averse.
-    Confidence is max(probs); `probs` is normally the BMA of `sample_probs`. Undefined values
+    auroc_mutual_information, auroc_agreement, auroc_risk_averse, aurc_risk_averse; with
+    n_choices also chance, z and p_above_chance (`above_chance`). Confidence is max(probs); `probs` is normally the BMA of `sample_probs`. Undefined values
     (AUROC with all items correct or all wrong) are None.
     """
     p = _check_probs(probs, n_choices)
@@ -458,6 +481,10 @@ def summarize(
         "overall": _summary(p, y, s, n_bins, risks, coverages, risk_lambda),
         "by_family": {},
     }
+    right = p.argmax(-1) == y
+    if n_choices is not None:
+        k = np.asarray(n_choices)
+        report["overall"] |= {k_: _json_float(v) for k_, v in above_chance(right, k).items()}
     if families is not None:
         fam = np.asarray(families).astype(str)
         if fam.shape != y.shape:
@@ -467,4 +494,7 @@ def summarize(
             report["by_family"][name] = _summary(
                 p[m], y[m], None if s is None else s[m], n_bins, risks, coverages, risk_lambda
             )
+            if n_choices is not None:
+                test = above_chance(right[m], k[m])
+                report["by_family"][name] |= {k_: _json_float(v) for k_, v in test.items()}
     return report

@@ -227,3 +227,49 @@ def shift_bars(
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def family_accuracy_bars(
+    accuracy: Mapping[str, Mapping[str, float]],
+    chance: Mapping[str, float],
+    path: str | Path,
+    title: str | None = None,
+) -> Path:
+    """Accuracy per question family, one bar per predictor (accuracy[predictor][family]), with
+    each family's chance level (the mean of 1 / choices over its items) as a black tick."""
+    _need(accuracy, "accuracy")
+    _need(chance, "chance")
+    families = list(chance)
+    predictors = list(accuracy)
+    width = 0.8 / len(predictors)
+    x = np.arange(len(families))
+    fig, axes = _figure(1, (max(5.0, 0.9 * len(families) + 1.5), 3.8))
+    ax = axes[0]
+    for j, pred in enumerate(predictors):
+        ys = [accuracy[pred].get(f, math.nan) for f in families]
+        ax.bar(x + (j - (len(predictors) - 1) / 2) * width, ys, width=width, label=pred)
+    ax.hlines([chance[f] for f in families], x - 0.45, x + 0.45, colors="black", label="chance")
+    ax.set_xticks(x, families, rotation=25, ha="right")
+    ax.set(ylabel="accuracy", ylim=(0, 1), title=title or "accuracy per family")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def learning_curves(
+    steps: Sequence[int],
+    curves: Mapping[str, Sequence[float]],
+    path: str | Path,
+    ylabel: str = "accuracy",
+    title: str | None = None,
+) -> Path:
+    """One line per curve (e.g. per family) against the training step."""
+    _need(curves, "curves")
+    fig, axes = _figure(1, (6.0, 4.0))
+    ax = axes[0]
+    for name, ys in curves.items():
+        if len(ys) != len(steps):
+            raise ValueError(f"{name}: {len(ys)} values for {len(steps)} steps")
+        ax.plot(steps, ys, "o-", markersize=3, label=name)
+    ax.set(xlabel="step", ylabel=ylabel, title=title or ylabel)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from app.family import AUDIO_TOKEN, build_model, tiny_config
 from app.forward import letter_log_probs
 from app.modeling import LoadedModel, load_checkpoint, save_checkpoint
-from training.batches import epoch_order, make_batch, prepare_split
+from training.batches import bucketed_order, make_batch, prepare_split
 from training.checkpoint import append_log, fingerprint, load_state, save_state
 from training.config import PretrainConfig, to_dict
 from training.data.manifest import read_manifest
@@ -60,16 +60,21 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 @torch.no_grad()
-def accuracy(loaded: LoadedModel, examples, batch_size: int = 32) -> float:
-    """Accuracy of the deterministic model on prepared examples."""
+def accuracy(loaded: LoadedModel, examples, batch_size: int = 32) -> tuple[float, dict[str, float]]:
+    """Accuracy of the deterministic model on prepared examples: overall and per family."""
     loaded.model.eval()
     pad = loaded.tokenizer.pad_token_id
-    correct = 0
+    hits: dict[str, int] = {}
+    counts: dict[str, int] = {}
     for i in range(0, len(examples), batch_size):
-        batch, labels = make_batch(examples[i : i + batch_size], pad)
+        chunk = examples[i : i + batch_size]
+        batch, labels = make_batch(chunk, pad)
         lp = letter_log_probs(loaded.model, batch, loaded.letter_ids)
-        correct += int((lp.argmax(-1) == labels).sum())
-    return correct / max(1, len(examples))
+        for e, ok in zip(chunk, (lp.argmax(-1) == labels).tolist(), strict=True):
+            hits[e.item.family] = hits.get(e.item.family, 0) + int(ok)
+            counts[e.item.family] = counts.get(e.item.family, 0) + 1
+    overall = sum(hits.values()) / max(1, len(examples))
+    return overall, {f: round(hits[f] / counts[f], 4) for f in sorted(counts)}
 
 
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
@@ -97,12 +102,13 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         start_epoch, step = state["epoch"], state["step"]
         print(f"[pretrain] resuming at epoch {start_epoch}, step {step}")
     pad = loaded.tokenizer.pad_token_id
+    lengths = [e.prepared.audio.n_frames for e in train]
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         losses, hits = [], 0
         bar = tqdm(
-            epoch_order(len(train), cfg.batch_size, cfg.seed, epoch),
+            bucketed_order(lengths, cfg.batch_size, cfg.seed, epoch),
             desc=f"pretrain epoch {epoch + 1}/{cfg.epochs}",
             disable=not progress,
         )
@@ -120,13 +126,15 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
             losses.append(loss.item())
             hits += int((lp.argmax(-1) == labels).sum())
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        eval_acc, eval_by_family = accuracy(loaded, evals)
         record = {
             "stage": "pretrain",
             "epoch": epoch + 1,
             "step": step,
             "loss": sum(losses) / len(losses),
             "train_acc": hits / len(train),
-            f"{cfg.eval_split}_acc": accuracy(loaded, evals),
+            f"{cfg.eval_split}_acc": eval_acc,
+            f"{cfg.eval_split}_acc_by_family": eval_by_family,
             "elapsed_s": time.time() - t0,
         }
         print(f"[pretrain] {record}")

@@ -1,0 +1,204 @@
+"""The tiny pipeline end to end, timed: benchmark -> stage 1 -> IVON and AdamW -> evaluation.
+
+    quaver pipeline --work work/tiny     # ~12 min on 2 CPU cores; resumes where it stopped
+
+Writes `<work>/pipeline.json` (times, test metrics, per-family accuracy against chance) and
+`<work>/pipeline.md` with two figures: test accuracy per family (IVON mean, IVON BMA, AdamW,
+chance) and stage 1's calib accuracy per family against the step. A family counts as above
+chance when its one-sided p-value (`training.metrics.above_chance`) is below `ABOVE_CHANCE_P`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+ABOVE_CHANCE_P = 0.01
+
+
+def run_pipeline(
+    work: Path,
+    configs: Path,
+    seed: int = 0,
+    samples: int = 8,
+    split_sizes: dict[str, int] | None = None,
+    overrides: dict[str, dict] | None = None,
+) -> dict:
+    """Run (or resume) every step; returns the summary also written to `<work>/pipeline.json`.
+
+    `split_sizes` overrides the benchmark's split sizes and `overrides` the stage configs'
+    fields ({"pretrain" | "ivon" | "adamw": {field: value}}): the tests run the pipeline at toy
+    sizes through the same code.
+    """
+    from training.config import FinetuneConfig, PretrainConfig, load_config
+    from training.data.generate import BenchmarkConfig, generate_benchmark
+    from training.evaluate import calibrate_posterior, evaluate_posterior
+    from training.finetune import finetune
+    from training.pretrain import pretrain
+
+    work, configs = Path(work), Path(configs)
+    data_dir = work / "data" / "bench"
+    times: dict[str, float] = {}
+    t = time.time()
+    overrides = overrides or {}
+    generate_benchmark(BenchmarkConfig(seed=seed, **(split_sizes or {})), data_dir)
+    times["data_s"] = time.time() - t
+    t = time.time()
+    pre = load_config(
+        configs / "tiny-pretrain.yaml",
+        PretrainConfig,
+        {
+            **overrides.get("pretrain", {}),
+            "data_dir": str(data_dir),
+            "out_dir": str(work / "artifacts" / "tiny-base"),
+        },
+    )
+    base = pretrain(pre)
+    times["pretrain_s"] = time.time() - t
+    posts = {}
+    for name in ("ivon", "adamw"):
+        t = time.time()
+        cfg = load_config(
+            configs / f"tiny-{name}.yaml",
+            FinetuneConfig,
+            {
+                **overrides.get(name, {}),
+                "data_dir": str(data_dir),
+                "base_dir": str(base),
+                "out_dir": str(work / "runs" / f"tiny-{name}"),
+            },
+        )
+        posts[name] = finetune(cfg)
+        times[f"{name}_s"] = time.time() - t
+    t = time.time()
+    evals = {}
+    for name, post in posts.items():
+        calibrate_posterior(base, post, data_dir, "calib", samples=samples, progress=False)
+        evals[name] = evaluate_posterior(
+            base,
+            post,
+            data_dir,
+            "test",
+            samples=samples,
+            out_dir=work / "reports" / f"tiny-{name}",
+            progress=False,
+        )
+    times["evaluate_s"] = time.time() - t
+    times["total_s"] = sum(times.values())
+    predictors = {
+        "IVON mean": evals["ivon"]["mean"],
+        f"IVON BMA K={samples}": evals["ivon"].get(f"bma_k{samples}", evals["ivon"]["mean"]),
+        "AdamW": evals["adamw"]["mean"],
+    }
+    summary = {
+        "machine": f"{platform.machine()}, {_cpus()} CPU threads",
+        "times_s": times,
+        "test": {name: r["overall"] for name, r in predictors.items()},
+        "by_family": {
+            name: {
+                fam: {k: m[k] for k in ("n", "accuracy", "chance", "p_above_chance")}
+                for fam, m in r["by_family"].items()
+            }
+            for name, r in predictors.items()
+        },
+        "stage1_curve": _stage1_curve(base),
+        "base": str(base),
+        "posteriors": {k: str(v) for k, v in posts.items()},
+    }
+    (work / "pipeline.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_pipeline_report(summary, work / "pipeline.md")
+    return summary
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _stage1_curve(base: Path) -> list[dict]:
+    """Stage 1's per-epoch log records (step, calib accuracy overall and per family)."""
+    from training.checkpoint import LOG_FILE
+
+    log = base.with_name(base.name + ".run") / LOG_FILE
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def families_above_chance(summary: dict, predictor: str) -> tuple[list[str], list[str]]:
+    """(families above chance at p < ABOVE_CHANCE_P, the others) for one predictor."""
+    fams = summary["by_family"][predictor]
+    above = [f for f, m in fams.items() if (m["p_above_chance"] or 1.0) < ABOVE_CHANCE_P]
+    return above, [f for f in fams if f not in above]
+
+
+def write_pipeline_report(summary: dict, path: Path) -> Path:
+    """`pipeline.md` with its figures next to it (family_accuracy.png, stage1_curves.png)."""
+    from training import plots
+
+    path = Path(path)
+    names = list(summary["by_family"])
+    fams = list(summary["by_family"][names[0]])
+    chance = {f: summary["by_family"][names[0]][f]["chance"] for f in fams}
+    plots.family_accuracy_bars(
+        {n: {f: m["accuracy"] for f, m in summary["by_family"][n].items()} for n in names},
+        chance,
+        path.with_name("family_accuracy.png"),
+        title="tiny model: test accuracy per family",
+    )
+    curve = [r for r in summary["stage1_curve"] if "calib_acc_by_family" in r]
+    if curve:
+        plots.learning_curves(
+            [r["step"] for r in curve],
+            {
+                **{f: [r["calib_acc_by_family"][f] for r in curve] for f in fams},
+                "all": [r["calib_acc"] for r in curve],
+            },
+            path.with_name("stage1_curves.png"),
+            title="stage 1: calib accuracy per family",
+        )
+    t = summary["times_s"]
+    lines = [
+        "# Tiny pipeline: measured run",
+        "",
+        f"`quaver pipeline` from an empty work directory on {summary['machine']}:",
+        "",
+        "| step | seconds |",
+        "|---|---|",
+        *(f"| {k.removesuffix('_s')} | {v:.0f} |" for k, v in t.items()),
+        "",
+        "Test split, overall:",
+        "",
+        "| predictor | accuracy | chance | ECE | NLL |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {n} | {m['accuracy']:.3f} | {m['chance']:.3f} | {m['ece']:.3f} | {m['nll']:.3f} |"
+            for n, m in summary["test"].items()
+        ),
+        "",
+        "Test accuracy per family (n items; p: one-sided p-value of the accuracy against guessing):",
+        "",
+        "| family | n | chance | " + " | ".join(names) + " | p (" + names[0] + ") |",
+        "|---|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for f in fams:
+        first = summary["by_family"][names[0]][f]
+        accs = " | ".join(f"{summary['by_family'][n][f]['accuracy']:.2f}" for n in names)
+        lines.append(
+            f"| {f} | {first['n']} | {first['chance']:.2f} | {accs} | {first['p_above_chance']:.1g} |"
+        )
+    for name in names:
+        above, below = families_above_chance(summary, name)
+        lines.append("")
+        lines.append(
+            f"{name}: above chance (p < {ABOVE_CHANCE_P}) on {len(above)} of {len(fams)} families"
+            + (f"; not on {', '.join(below)}." if below else ".")
+        )
+    lines += ["", "![test accuracy per family](family_accuracy.png)", ""]
+    if curve:
+        lines += ["![stage 1 calib accuracy per family](stage1_curves.png)", ""]
+    path.write_text("\n".join(lines))
+    return path
