@@ -1,6 +1,7 @@
 """The tiny pipeline end to end, timed: benchmark -> stage 1 -> IVON and AdamW -> evaluation.
 
-    quaver pipeline --work work/tiny     # ~12 min on 2 CPU cores; resumes where it stopped
+    quaver pipeline --work work/tiny     # ~13 min on 2 CPU cores; resumes where it stopped
+                                         # (the times then cover the resuming invocation only)
 
 Writes `<work>/pipeline.json` (times, test metrics, per-family accuracy against chance) and
 `<work>/pipeline.md` with two figures: test accuracy per family (IVON mean, IVON BMA, AdamW,
@@ -188,7 +189,7 @@ def write_pipeline_report(summary: dict, path: Path) -> Path:
         first = summary["by_family"][names[0]][f]
         accs = " | ".join(f"{summary['by_family'][n][f]['accuracy']:.2f}" for n in names)
         lines.append(
-            f"| {f} | {first['n']} | {first['chance']:.2f} | {accs} | {first['p_above_chance']:.1g} |"
+            f"| {f} | {first['n']} | {first['chance']:.2f} | {accs} | {first['p_above_chance']:.2g} |"
         )
     for name in names:
         above, below = families_above_chance(summary, name)
