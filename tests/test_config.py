@@ -68,3 +68,13 @@ def test_cli_reports_input_errors_without_a_traceback(tmp_path: Path, capsys) ->
     code = main(["evaluate", "--base", str(tmp_path), "--posterior", str(missing)])
     assert code == 2
     assert "quaver evaluate: error:" in capsys.readouterr().err
+
+
+def test_cli_split_sizes_are_checked(tmp_path: Path, capsys) -> None:
+    from training.cli import main
+
+    for cmd in (["data", "--out"], ["pipeline", "--work"]):
+        assert main([*cmd, str(tmp_path / "w"), "--size", "pretrain=many"]) == 2
+        assert "want SPLIT=N" in capsys.readouterr().err
+    assert main(["data", "--out", str(tmp_path / "w"), "--size", "valid=3"]) == 2
+    assert not (tmp_path / "w").exists()  # refused before anything was written

@@ -21,14 +21,26 @@ import sys
 from pathlib import Path
 
 
+def _split_sizes(specs: list[str] | None) -> dict[str, int]:
+    """["pretrain=6000", ...] -> {"pretrain": 6000}; a malformed spec is a ConfigError."""
+    from training.config import ConfigError
+    from training.data.generate import SPLITS
+
+    sizes = {}
+    for spec in specs or []:
+        split, _, n = spec.partition("=")
+        if split not in SPLITS or not n.isdigit():
+            raise ConfigError(
+                f"--size {spec!r}: want SPLIT=N with SPLIT one of {', '.join(SPLITS)}"
+            )
+        sizes[split] = int(n)
+    return sizes
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     from training.data.generate import BenchmarkConfig, generate_benchmark
 
-    sizes = {}
-    for spec in args.size or []:
-        split, _, n = spec.partition("=")
-        sizes[split] = int(n)
-    cfg = BenchmarkConfig(seed=args.seed, workers=args.workers, **sizes)
+    cfg = BenchmarkConfig(seed=args.seed, workers=args.workers, **_split_sizes(args.size))
     out = generate_benchmark(cfg, Path(args.out))
     print(f"benchmark written to {out}")
 
@@ -85,7 +97,9 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     """The tiny pipeline end to end, timed: data -> stage 1 -> IVON and AdamW -> evaluation."""
     from training.pipeline import run_pipeline
 
-    summary = run_pipeline(Path(args.work), Path(args.configs), args.seed, args.samples)
+    summary = run_pipeline(
+        Path(args.work), Path(args.configs), args.seed, args.samples, _split_sizes(args.size)
+    )
     print(json.dumps({"times_s": summary["times_s"], "test": summary["test"]}, indent=2))
     print(f"report: {Path(args.work) / 'pipeline.md'}")
 
@@ -213,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--configs", default=str(Path(__file__).resolve().parent.parent / "configs"))
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--samples", type=int, default=8, help="K for calibration and evaluation")
+    pl.add_argument("--size", action="append", metavar="SPLIT=N", help="override a split's size")
     pl.set_defaults(func=cmd_pipeline)
 
     dm = sub.add_parser("default", help="reproduce the embedded default (app/default/)")
