@@ -74,8 +74,8 @@ def audio_hidden(
     conv_lens, out_lens = tower._get_feat_extract_output_lengths(n_frames)
     # Only the frames up to the longest clip (+2 for the two convolutions' right context) can
     # reach a real audio token, so the window is cut there: (R, n_mels, W) -> (R, n_mels, mel_len).
-    # Padded positions are masked out of attention, so the real tokens are unchanged; a batch of
-    # 3 s clips in a 6 s window costs half the encoder compute.
+    # Padded positions are masked out of attention, so the real tokens are unchanged. With
+    # batches grouped by clip length a stage-1 step is 1.55x faster (bench/stage1_step.py).
     mel_len = min(features.shape[-1], -(-(int(n_frames.max()) + 2) // 4) * 4)
     features = features[..., :mel_len]
     rows = features.shape[0]

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from unittest import mock
@@ -26,11 +26,10 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 import app.forward as F
-from app.family import AUDIO_TOKEN, build_model, tiny_config
-from app.modeling import load_checkpoint, save_checkpoint
+from app.modeling import load_checkpoint
 from training.batches import bucketed_order, epoch_order, make_batch, prepare_split
-from training.data.manifest import read_manifest
-from training.tokenizer import train_tokenizer
+from training.config import PretrainConfig
+from training.pretrain import init_dir
 
 
 def full_window_audio_hidden(model, features, n_frames, family=F.QWEN2_AUDIO):
@@ -56,13 +55,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = Path(args.data)
-    texts = [t for it in read_manifest(data, args.split) for t in (it.question, *it.choices)]
-    tok = train_tokenizer(texts, 1024)
-    cfg = tiny_config(len(tok), tok.convert_tokens_to_ids(AUDIO_TOKEN), tok.pad_token_id)
-    tmp = Path("/tmp") / f"quaver-bench-stage1-{time.time_ns()}"
-    save_checkpoint(build_model(cfg, 0), tok, tmp)
-    loaded = load_checkpoint(tmp)
-    shutil.rmtree(tmp)
+    with tempfile.TemporaryDirectory() as tmp:  # stage 1's own random-init model + tokenizer
+        cfg = PretrainConfig(data_dir=data, out_dir=Path(tmp) / "base", split=args.split)
+        loaded = load_checkpoint(init_dir(cfg))
     examples = prepare_split(loaded, data, args.split, progress=False)
     model, pad = loaded.model.train(), loaded.tokenizer.pad_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

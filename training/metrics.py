@@ -463,7 +463,8 @@ def summarize(
     e_aurc, coverage_at_risk_<r> for r in risks, risk_at_coverage_<c> for c in coverages and,
     with sample_probs (n, K, C): samples, mean_mutual_information, mean_agreement,
     auroc_mutual_information, auroc_agreement, auroc_risk_averse, aurc_risk_averse; with
-    n_choices also chance, z and p_above_chance (`above_chance`). Confidence is max(probs); `probs` is normally the BMA of `sample_probs`. Undefined values
+    n_choices also chance, z and p_above_chance (`above_chance`). Confidence is max(probs);
+    `probs` is normally the BMA of `sample_probs`. Undefined values
     (AUROC with all items correct or all wrong) are None.
     """
     p = _check_probs(probs, n_choices)

@@ -33,7 +33,7 @@ from training.data.manifest import read_manifest
 from training.tokenizer import train_tokenizer
 
 
-def _init_dir(cfg: PretrainConfig) -> Path:
+def init_dir(cfg: PretrainConfig) -> Path:
     """Tokenizer + random-init model saved to `<out_dir>.init` (the loader then reads it)."""
     init_dir = cfg.out_dir.with_name(cfg.out_dir.name + ".init")
     if (init_dir / "config.json").exists():
@@ -86,7 +86,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run_dir = cfg.out_dir.with_name(cfg.out_dir.name + ".run")
-    loaded = load_checkpoint(_init_dir(cfg))
+    loaded = load_checkpoint(init_dir(cfg))
     model = loaded.model
     train = prepare_split(loaded, cfg.data_dir, cfg.split, progress=progress)
     evals = prepare_split(loaded, cfg.data_dir, cfg.eval_split, progress=progress)
