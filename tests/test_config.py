@@ -78,3 +78,19 @@ def test_cli_split_sizes_are_checked(tmp_path: Path, capsys) -> None:
         assert "want SPLIT=N" in capsys.readouterr().err
     assert main(["data", "--out", str(tmp_path / "w"), "--size", "valid=3"]) == 2
     assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+def test_cli_pretrain_weights(tmp_path: Path, capsys) -> None:
+    from training.cli import main
+    from training.data.manifest import read_manifest
+
+    out = tmp_path / "w"
+    for spec, message in (("nope=2", "want FAMILY=N"), ("rhythm=0", "K must be >= 1")):
+        assert main(["data", "--out", str(out), "--pretrain-weight", spec]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+    sizes = ["--size", "pretrain=11"] + [f"--size={s}=0" for s in ("train", "calib", "test")]
+    sizes += ["--size", "test_shift=0"]
+    assert main(["data", "--out", str(out), *sizes, "--pretrain-weight", "rhythm=3"]) == 0
+    families = [item.family for item in read_manifest(out, "pretrain")]
+    assert families.count("rhythm") == 3 and len(set(families)) == 9  # one 11-slot rotation

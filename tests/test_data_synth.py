@@ -21,6 +21,7 @@ from training.data.generate import (
     BenchmarkConfig,
     generate_benchmark,
     generate_item,
+    split_fingerprint,
     wav_bytes,
 )
 from training.data.manifest import (
@@ -270,6 +271,8 @@ def test_control_items_are_silent_or_unrelated(tmp_path):
         {"snr_easy_db": -5.0},
         {"workers": 0},
         {"families": ()},
+        {"pretrain_weights": {"nope": 2}},
+        {"pretrain_weights": {"rhythm": 0}},
     ],
 )
 def test_config_rejects_bad_values(change):
@@ -340,3 +343,16 @@ def test_optional_distinct_pitches_family_can_be_enabled():
     gen = generate_item(cfg, "test", n - 1)  # families rotate with the index
     assert gen.item.family == "distinct_pitches"
     assert gen.item.choices and set(gen.item.choices) == {"one", "two", "three", "four"}
+
+
+def test_pretrain_weights_change_the_pretrain_mix_and_nothing_else():
+    cfg = dataclasses.replace(TINY, pretrain_weights={"rhythm": 3})
+    n = len(DEFAULT_FAMILIES) + 2  # one rotation: rhythm takes three slots
+    counts = Counter(generate_item(cfg, "pretrain", i).item.family for i in range(2 * n))
+    assert counts["rhythm"] == 6 and all(counts[f] == 2 for f in DEFAULT_FAMILIES if f != "rhythm")
+    # The other splits are item for item the unweighted ones, and keep their fingerprints.
+    for split in ("train", "test"):
+        a, b = generate_item(cfg, split, 7), generate_item(TINY, split, 7)
+        assert a.item == b.item and np.array_equal(a.pcm, b.pcm)
+        assert split_fingerprint(cfg, split) == split_fingerprint(TINY, split)
+    assert split_fingerprint(cfg, "pretrain") != split_fingerprint(TINY, "pretrain")

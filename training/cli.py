@@ -23,24 +23,45 @@ from pathlib import Path
 
 def _split_sizes(specs: list[str] | None) -> dict[str, int]:
     """["pretrain=6000", ...] -> {"pretrain": 6000}; a malformed spec is a ConfigError."""
-    from training.config import ConfigError
     from training.data.generate import SPLITS
 
-    sizes = {}
+    return _name_counts(specs, "--size", "SPLIT", SPLITS)
+
+
+def _pretrain_weights(specs: list[str] | None) -> dict[str, int]:
+    """["rhythm=2", ...] -> {"rhythm": 2}; a malformed spec is a ConfigError."""
+    from training.config import ConfigError
+    from training.data.families import DEFAULT_FAMILIES
+
+    weights = _name_counts(specs, "--pretrain-weight", "FAMILY", DEFAULT_FAMILIES)
+    if any(k < 1 for k in weights.values()):
+        raise ConfigError(f"--pretrain-weight: K must be >= 1, got {weights}")
+    return weights
+
+
+def _name_counts(specs: list[str] | None, flag: str, what: str, names) -> dict[str, int]:
+    from training.config import ConfigError
+
+    out = {}
     for spec in specs or []:
-        split, _, n = spec.partition("=")
-        if split not in SPLITS or not n.isdigit():
+        name, _, n = spec.partition("=")
+        if name not in names or not n.isdigit():
             raise ConfigError(
-                f"--size {spec!r}: want SPLIT=N with SPLIT one of {', '.join(SPLITS)}"
+                f"{flag} {spec!r}: want {what}=N with {what} one of {', '.join(names)}"
             )
-        sizes[split] = int(n)
-    return sizes
+        out[name] = int(n)
+    return out
 
 
 def cmd_data(args: argparse.Namespace) -> None:
     from training.data.generate import BenchmarkConfig, generate_benchmark
 
-    cfg = BenchmarkConfig(seed=args.seed, workers=args.workers, **_split_sizes(args.size))
+    cfg = BenchmarkConfig(
+        seed=args.seed,
+        workers=args.workers,
+        pretrain_weights=_pretrain_weights(args.pretrain_weight),
+        **_split_sizes(args.size),
+    )
     out = generate_benchmark(cfg, Path(args.out))
     print(f"benchmark written to {out}")
 
@@ -209,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="data/bench")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", action="append", metavar="SPLIT=N", help="override a split's size")
+    d.add_argument(
+        "--pretrain-weight",
+        action="append",
+        metavar="FAMILY=K",
+        help="give FAMILY K times the items of the others in `pretrain`",
+    )
     d.add_argument("--workers", type=int, default=1, help="rendering processes")
     d.set_defaults(func=cmd_data)
 

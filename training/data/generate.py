@@ -28,7 +28,7 @@ import io
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,9 @@ class BenchmarkConfig:
     test_shift: int = 400
     # Question families, rotated by index (distinct_pitches may be added; speech via `speech`).
     families: tuple[str, ...] = fam.DEFAULT_FAMILIES
+    # {family: k}: in `pretrain` only, the family takes k slots of the rotation (the others one),
+    # so the base model sees k times as many distinct items of it; the other splits are unchanged.
+    pretrain_weights: dict[str, int] = field(default_factory=dict)
     hard_fraction: float = 0.3  # share of items with difficulty in [0.5, 1] (rest in [0, 0.5))
     snr_easy_db: float = 28.0  # band SNR of events at difficulty 0
     snr_hard_db: float = 0.0  # band SNR of events at difficulty 1
@@ -89,6 +92,11 @@ class BenchmarkConfig:
             )
         if len(set(self.families)) != len(self.families):
             raise ValueError("families has duplicates")
+        for name, k in self.pretrain_weights.items():
+            if name not in self.families:
+                raise ValueError(f"pretrain_weights: {name!r} is not one of families")
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ValueError(f"pretrain_weights: {name}={k!r} must be an integer >= 1")
         if not 0.0 <= self.hard_fraction <= 1.0:
             raise ValueError(f"hard_fraction {self.hard_fraction} outside [0, 1]")
         if not 0.0 <= self.control_fraction <= 1.0:
@@ -113,12 +121,21 @@ class BenchmarkConfig:
         return {s: getattr(self, s) for s in SPLITS}
 
     def content_dict(self) -> dict[str, Any]:
-        """The fields that change the rendered data (no split sizes, no workers)."""
+        """The fields that change every split's data (no split sizes, no workers, and no
+        `pretrain_weights`: they change `pretrain` alone, see `split_fingerprint`)."""
         d = dataclasses.asdict(self)
-        for k in (*SPLITS, "workers"):
+        for k in (*SPLITS, "workers", "pretrain_weights"):
             d.pop(k)
         d["families"] = list(self.families)
         return d
+
+
+def family_cycle(cfg: BenchmarkConfig, split: str) -> tuple[str, ...]:
+    """The families that item i of `split` rotates through (item i: cycle[i % len(cycle)])."""
+    names = active_families(cfg)
+    if split != "pretrain":
+        return names
+    return tuple(f for f in names for _ in range(cfg.pretrain_weights.get(f, 1)))
 
 
 def active_families(cfg: BenchmarkConfig) -> tuple[str, ...]:
@@ -142,6 +159,8 @@ def split_fingerprint(cfg: BenchmarkConfig, split: str) -> str:
         "split": split,
         "count": cfg.split_sizes[split],
     }
+    if split == "pretrain" and cfg.pretrain_weights:  # absent when unused: older fingerprints hold
+        blob["pretrain_weights"] = dict(sorted(cfg.pretrain_weights.items()))
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -206,7 +225,7 @@ def generate_item(
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     rng = item_rng(cfg.seed, split, index)
-    names = active_families(cfg)
+    names = family_cycle(cfg, split)
     family = family or names[index % len(names)]
     shift = split in SHIFT_SPLITS
     # Fixed draw order: every item consumes the same leading numbers whatever the options.
@@ -291,7 +310,11 @@ def _write_meta(out_dir: Path, cfg: BenchmarkConfig, splits: dict[str, Any]) -> 
         "generator_version": GENERATOR_VERSION,
         "sample_rate": SAMPLE_RATE,
         "seed": cfg.seed,
-        "config": {**cfg.content_dict(), **cfg.split_sizes},
+        "config": {
+            **cfg.content_dict(),
+            **cfg.split_sizes,
+            **({"pretrain_weights": cfg.pretrain_weights} if cfg.pretrain_weights else {}),
+        },
         "families": list(active_families(cfg)),
         "splits": splits,
         "counts": {s: e["count"] for s, e in splits.items()},
