@@ -89,8 +89,7 @@ def test_cli_pretrain_weights(tmp_path: Path, capsys) -> None:
         assert main(["data", "--out", str(out), "--pretrain-weight", spec]) == 2
         assert message in capsys.readouterr().err
     assert not out.exists()
-    sizes = ["--size", "pretrain=11"] + [f"--size={s}=0" for s in ("train", "calib", "test")]
-    sizes += ["--size", "test_shift=0"]
+    sizes = [f"--size={s}" for s in ("pretrain=11", "train=0", "calib=0", "test=0", "test_shift=0")]
     assert main(["data", "--out", str(out), *sizes, "--pretrain-weight", "rhythm=3"]) == 0
     families = [item.family for item in read_manifest(out, "pretrain")]
     assert families.count("rhythm") == 3 and len(set(families)) == 9  # one 11-slot rotation

@@ -273,6 +273,7 @@ def test_control_items_are_silent_or_unrelated(tmp_path):
         {"families": ()},
         {"pretrain_weights": {"nope": 2}},
         {"pretrain_weights": {"rhythm": 0}},
+        {"pretrain_weights": ("rhythm",)},
     ],
 )
 def test_config_rejects_bad_values(change):

@@ -14,10 +14,10 @@ writes the dataset layout of `manifest.py` with five splits:
 
 Every item draws its randomness from `SeedSequence([seed, split code, index])`, so an item does
 not depend on generation order or worker count, and the same config gives byte-identical WAVs
-and manifests. Families rotate with the index (balanced); the choice order is shuffled per item,
-so the answer letter is uniform. A split whose manifest, audio and fingerprint in dataset.json
-match the config is skipped on a re-run; anything else (missing, partial, other config) is
-regenerated from scratch.
+and manifests. Families rotate with the index (balanced; `pretrain_weights` gives chosen families
+more slots in `pretrain`'s rotation); the choice order is shuffled per item, so the answer letter
+is uniform. A split whose manifest, audio and fingerprint in dataset.json match the config is
+skipped on a re-run; anything else (missing, partial, other config) is regenerated from scratch.
 """
 
 from __future__ import annotations
@@ -92,6 +92,8 @@ class BenchmarkConfig:
             )
         if len(set(self.families)) != len(self.families):
             raise ValueError("families has duplicates")
+        if not isinstance(self.pretrain_weights, dict):
+            raise ValueError("pretrain_weights must be a mapping {family: k}")
         for name, k in self.pretrain_weights.items():
             if name not in self.families:
                 raise ValueError(f"pretrain_weights: {name!r} is not one of families")
