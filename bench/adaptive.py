@@ -32,7 +32,7 @@ from app.posterior import load_posterior
 from app.predict import Predictor, Request
 from app.thresholds import threshold_for
 from training.data.manifest import load_audio_file, read_manifest
-from training.predictions import predict_split
+from training.eval.predictions import predict_split
 
 
 def decisions(probs: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

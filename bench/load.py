@@ -375,7 +375,7 @@ def build_tiny(
     from app.family import AUDIO_TOKEN, DECODER_LINEARS, QWEN2_AUDIO, build_model, tiny_config
     from app.modeling import load_checkpoint, save_checkpoint
     from app.posterior import LoRASpec, Posterior, save_posterior
-    from training.tokenizer import train_tokenizer
+    from training.base.tokenizer import train_tokenizer
 
     out_dir = Path(out_dir)
     tok = train_tokenizer(TINY_TEXT * 5, vocab_size=400)

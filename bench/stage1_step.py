@@ -6,7 +6,7 @@ random vs length-bucketed batches, side by side in one process.
 Variants (same random-init tiny model, same items, batch 16, forward + backward + AdamW step):
   full_random    the encoder on the whole 6 s window (the stock encoder forward), random batches
   cut_random     the window cut to the batch's longest clip (`app.forward.audio_hidden`)
-  cut_bucketed   cut window, batches grouped by clip length (`training.batches.bucketed_order`)
+  cut_bucketed   cut window, batches grouped by clip length (`training.stages.batches.bucketed_order`)
 The variants take turns over `--repeats` rounds; the median seconds per step of each are reported
 with the speedup over full_random. Prints one JSON document.
 """
@@ -27,9 +27,9 @@ from transformers.masking_utils import create_bidirectional_mask
 
 import app.forward as F
 from app.modeling import load_checkpoint
-from training.batches import bucketed_order, epoch_order, make_batch, prepare_split
 from training.config import PretrainConfig
-from training.pretrain import init_dir
+from training.stages.batches import bucketed_order, epoch_order, make_batch, prepare_split
+from training.stages.pretrain import init_dir
 
 
 def full_window_audio_hidden(model, features, n_frames, family=F.QWEN2_AUDIO):

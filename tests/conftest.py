@@ -31,7 +31,7 @@ WORDS = [
 
 
 def make_tiny_checkpoint(path, seed: int = 0):
-    from training.tokenizer import train_tokenizer
+    from training.base.tokenizer import train_tokenizer
 
     tok = train_tokenizer(WORDS * 5, vocab_size=400)
     cfg = tiny_config(len(tok), tok.convert_tokens_to_ids(AUDIO_TOKEN), tok.pad_token_id)
@@ -123,7 +123,7 @@ def tone(seconds: float = 1.0, freq: float = 440.0, rate: int = 16000) -> np.nda
 def assembled_base(tmp_path_factory):
     """The embedded default's real base, assembled once per session from the pinned packages
     (about 1-2 min); skipped where those packages are not installed."""
-    from training import base_model as bm
+    from training.base import build as bm
 
     try:
         bm.locate_weights(bm.WHISPER, check_hash=False)

@@ -9,7 +9,7 @@ import torch
 from app.modeling import load_checkpoint
 from training.config import AlignConfig, PretrainConfig
 from training.data.generate import BenchmarkConfig, generate_benchmark
-from training.pretrain import pretrain
+from training.stages.pretrain import pretrain
 
 
 @pytest.fixture(scope="module")

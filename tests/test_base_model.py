@@ -22,9 +22,9 @@ from transformers import (
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-import training.base_model as bm
+import training.base.build as bm
 from app.family import AUDIO_SPECIAL_TOKENS, QWEN2_AUDIO
-from training.ct2 import CT2FormatError, CT2Model, read_ct2, write_ct2
+from training.base.ct2 import CT2FormatError, CT2Model, read_ct2, write_ct2
 
 # ------------------------------------------------------------------ helpers
 

@@ -2,7 +2,7 @@
 
 import random
 
-from training.batches import bucketed_order, epoch_order
+from training.stages.batches import bucketed_order, epoch_order
 
 
 def test_epoch_order_covers_every_item_once():

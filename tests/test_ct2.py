@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.ct2 import CT2FormatError, CT2Model, read_ct2, write_ct2
+from training.base.ct2 import CT2FormatError, CT2Model, read_ct2, write_ct2
 
 
 def _small(path: Path) -> tuple[Path, dict[str, np.ndarray]]:
@@ -107,7 +107,7 @@ def test_writer_rejects_unknown_dtype_and_alias(tmp_path):
 
 
 def _package_file() -> Path:
-    from training.base_model import WHISPER, BaseBuildError, locate_weights
+    from training.base.build import WHISPER, BaseBuildError, locate_weights
 
     try:
         return locate_weights(WHISPER, check_hash=False)

@@ -116,7 +116,7 @@ def test_shipped_files_are_small_and_complete():
 
 @pytest.mark.slow
 def test_shipped_default_reproduces_recorded_answers(assembled_base, capsys):
-    from training import base_model as bm
+    from training.base import build as bm
     from training.cli import main
     from training.data.generate import BenchmarkConfig, generate_item, wav_bytes
 
@@ -152,7 +152,7 @@ def test_shipped_default_reproduces_recorded_answers(assembled_base, capsys):
 
 
 def test_report_tables_every_family_and_predictor(tmp_path):
-    from training.default_model import write_report
+    from training.recipes.default import write_report
 
     def res(acc):
         return {
@@ -193,7 +193,7 @@ def test_report_tables_every_family_and_predictor(tmp_path):
 
 def test_ship_on_the_tiny_model_records_reproducible_answers(tiny_dir, posterior_dir, tmp_path):
     from training.data.generate import BenchmarkConfig, generate_benchmark
-    from training.default_model import DefaultRecipe, reworded_accuracy, ship
+    from training.recipes.default import DefaultRecipe, reworded_accuracy, ship
 
     data = tmp_path / "work" / "data" / "bench"
     sizes = {"pretrain": 0, "train": 0, "calib": 0, "test": 9, "test_shift": 0}
@@ -234,7 +234,7 @@ def test_prefix_cache_gives_the_same_predictions_and_is_shared(tiny_dir, tmp_pat
     from app.posterior import save_posterior
     from tests.conftest import CALIBRATION, random_posterior
     from training.data.generate import BenchmarkConfig, generate_benchmark
-    from training.predictions import is_cached, predict_split
+    from training.eval.predictions import is_cached, predict_split
 
     data = tmp_path / "bench"
     sizes = {"pretrain": 0, "train": 0, "calib": 0, "test": 6, "test_shift": 0}
@@ -282,7 +282,7 @@ def test_step_times_survive_a_resumed_invocation(monkeypatch):
     # A step finished by an earlier invocation keeps the time it took then, not ~0 s.
     import time
 
-    import training.default_model as dm
+    import training.recipes.default as dm
 
     monkeypatch.setattr(dm, "CACHED_S", 0.05)
     times = {"align_s": 2736.0}

@@ -17,7 +17,7 @@ from app.predict import Predictor, Request
 from tests.conftest import tone
 from training.config import PretrainConfig
 from training.data.generate import BenchmarkConfig, generate_benchmark
-from training.pretrain import pretrain
+from training.stages.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 

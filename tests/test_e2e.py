@@ -20,8 +20,8 @@ from app.settings import Settings
 from training.config import AdamWConfig, FinetuneConfig, LoRAConfig, PretrainConfig
 from training.data.generate import BenchmarkConfig, generate_benchmark
 from training.data.manifest import read_manifest
-from training.finetune import finetune
-from training.pretrain import pretrain
+from training.stages.finetune import finetune
+from training.stages.pretrain import pretrain
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -74,7 +74,7 @@ def test_resume_continues_the_same_run(pipeline, tmp_path):
     _, _, post_dir, run = pipeline
     # Stop after one epoch, then resume to two: the result equals the uninterrupted run.
     short = FinetuneConfig(**{**run.__dict__, "out_dir": tmp_path / "r", "epochs": 2})
-    import training.finetune as ft
+    import training.stages.finetune as ft
 
     calls = {"n": 0}
     real_step = ft.IVON.step
@@ -139,7 +139,7 @@ def test_warm_start_begins_at_the_earlier_mean(pipeline, tmp_path):
 
 
 def test_evaluate_and_calibrate(pipeline, tmp_path):
-    from training.evaluate import calibrate_posterior, evaluate_posterior
+    from training.eval.evaluate import calibrate_posterior, evaluate_posterior
 
     data, base, post_dir, _ = pipeline
     table = calibrate_posterior(base, post_dir, data, "calib", samples=4, progress=False)

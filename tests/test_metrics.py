@@ -10,7 +10,7 @@ from itertools import permutations
 import numpy as np
 import pytest
 
-from training import metrics as M
+from training.eval import metrics as M
 
 # four 2-choice items; confidences 0.9, 0.8, 0.7, 0.6; the 2nd and 4th answer wrongly
 PROBS = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
@@ -225,7 +225,7 @@ def test_summarize_undefined_auroc_is_null():
 
 
 def test_above_chance_tells_guessing_from_skill():
-    from training.metrics import above_chance
+    from training.eval.metrics import above_chance
 
     rng = np.random.default_rng(0)
     k = rng.choice([2, 3, 4], size=400)

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from training.pipeline import families_above_chance, write_pipeline_report
+from training.recipes.tiny import families_above_chance, write_pipeline_report
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -42,7 +42,7 @@ def test_report_names_the_families_at_chance(tmp_path):
 def test_pipeline_runs_end_to_end_at_toy_size(tmp_path):
     """`quaver pipeline`'s function with the shipped configs, at toy sizes: every step runs and
     the summary and report carry the per-family table of all three predictors."""
-    from training.pipeline import run_pipeline
+    from training.recipes.tiny import run_pipeline
 
     sizes = {"pretrain": 36, "train": 18, "calib": 18, "test": 18, "test_shift": 9}
     summary = run_pipeline(

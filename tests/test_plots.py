@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training import plots as P
+from training.eval import plots as P
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from app.modeling import load_checkpoint
-from training.batches import prepare_split
 from training.config import FinetuneConfig
 from training.data.generate import BenchmarkConfig, generate_benchmark
-from training.finetune import CachedPrefix, prefix_key
+from training.stages.batches import prepare_split
+from training.stages.finetune import CachedPrefix, prefix_key
 
 
 def test_cached_prefix_round_trips_through_disk(tiny_dir, tmp_path):
@@ -39,7 +39,7 @@ def test_prediction_reuses_the_file_fine_tuning_wrote(tiny_dir, posterior_dir, t
     import json
     import shutil
 
-    from training.predictions import PrefixCache
+    from training.eval.predictions import PrefixCache
 
     data = tmp_path / "bench"
     sizes = {"pretrain": 0, "train": 0, "calib": 3, "test": 0, "test_shift": 0}

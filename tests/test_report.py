@@ -12,10 +12,9 @@ import yaml
 
 from training.config import PretrainConfig
 from training.data.generate import BenchmarkConfig, generate_benchmark
-from training.metrics import summarize
-from training.predictions import predict_split
-from training.pretrain import pretrain
-from training.report import (
+from training.eval.metrics import summarize
+from training.eval.predictions import predict_split
+from training.recipes.report import (
     COVERAGES,
     RISKS,
     ReportConfig,
@@ -24,6 +23,7 @@ from training.report import (
     fit_temperature,
     predictor_names,
 )
+from training.stages.pretrain import pretrain
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import binom
 
 from app.thresholds import threshold_for as server_threshold_for
-from training import selective as S
+from training.eval import selective as S
 
 
 def _draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:

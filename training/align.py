@@ -8,7 +8,7 @@ instruct LM through a NEW, randomly initialised projector. This stage trains tha
 encoder and LM stay frozen. The encoder is frozen, so its output is computed once per clip and
 cached; each step runs projector -> decoder -> letter logits and back-propagates to the projector.
 Resumable; writes a full checkpoint directory (the base with the trained projector) that stage 2
-(`training.finetune`) and the server load like any other.
+(`training.stages.finetune`) and the server load like any other.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from app.forward import DecoderRunner, audio_hidden, choice_log_probs, embed_prompts
 from app.modeling import load_checkpoint, save_checkpoint
-from training.batches import Example, epoch_order, make_batch, pad_rows, prepare_split
-from training.checkpoint import append_log, fingerprint, load_state, save_state
 from training.config import AlignConfig, to_dict
-from training.pretrain import lr_at
+from training.stages.batches import Example, epoch_order, make_batch, pad_rows, prepare_split
+from training.stages.loop import append_log, fingerprint, load_state, save_state
+from training.stages.pretrain import lr_at
 
 
 class AudioCache:

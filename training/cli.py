@@ -67,7 +67,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_build_base(args: argparse.Namespace) -> None:
-    from training.base_model import build_base
+    from training.base.build import build_base
 
     print(f"base model at {build_base(Path(args.out), force=args.force)}")
 
@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     stage = _stage(path)
     overrides = _overrides(args.set)
     if stage == "finetune":
-        from training.finetune import finetune
+        from training.stages.finetune import finetune
 
         print(f"posterior exported to {finetune(load_config(path, FinetuneConfig, overrides))}")
     elif stage == "align":
@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         print(f"aligned checkpoint at {align(load_config(path, AlignConfig, overrides))}")
     elif stage == "pretrain":
-        from training.pretrain import pretrain
+        from training.stages.pretrain import pretrain
 
         print(f"base checkpoint at {pretrain(load_config(path, PretrainConfig, overrides))}")
     else:
@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
     """The tiny pipeline end to end, timed: data -> stage 1 -> IVON and AdamW -> evaluation."""
-    from training.pipeline import run_pipeline
+    from training.recipes.tiny import run_pipeline
 
     summary = run_pipeline(
         Path(args.work), Path(args.configs), args.seed, args.samples, _split_sizes(args.size)
@@ -127,7 +127,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 
 def cmd_default(args: argparse.Namespace) -> None:
     """The embedded default's recipe end to end, shipped into app/default/."""
-    from training.default_model import DefaultRecipe, run_default
+    from training.recipes.default import DefaultRecipe, run_default
 
     recipe = DefaultRecipe(
         work=Path(args.work),
@@ -140,7 +140,7 @@ def cmd_default(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from training.evaluate import evaluate_posterior, format_table
+    from training.eval.evaluate import evaluate_posterior, format_table
 
     res = evaluate_posterior(
         Path(args.base),
@@ -158,7 +158,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from training.evaluate import calibrate_posterior
+    from training.eval.evaluate import calibrate_posterior
 
     table = calibrate_posterior(
         Path(args.base),
@@ -182,7 +182,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     """IVON vs AdamW over several fine-tuning seeds -> results.md, results.json and plots."""
-    from training.report import ReportConfig, run_report
+    from training.recipes.report import ReportConfig, run_report
 
     cfg = ReportConfig(
         ivon_config=Path(args.ivon_config),

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from app.posterior import META_FILE
-from training.metrics import confidence, correctness, summarize
-from training.predictions import SplitPredictions, predict_split
-from training.selective import calibrate_table, table_to_json
+from training.eval.metrics import confidence, correctness, summarize
+from training.eval.predictions import SplitPredictions, predict_split
+from training.eval.selective import calibrate_table, table_to_json
 
 TARGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
 
@@ -71,7 +71,7 @@ def evaluate_posterior(
             sample_probs=preds.sample_probs,
         )
     if out_dir is not None:
-        from training import plots
+        from training.eval import plots
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

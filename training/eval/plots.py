@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from training.metrics import aurc, reliability_bins, risk_coverage_curve
+from training.eval.metrics import aurc, reliability_bins, risk_coverage_curve
 
 Scores = tuple[np.ndarray, np.ndarray]  # (confidence (n,), correct (n,) bool)
 

@@ -2,7 +2,7 @@
 prediction and sample-based uncertainty.
 
 Used by `quaver evaluate` and the report on the cached per-item arrays of
-`training.predictions.SplitPredictions`:
+`training.eval.predictions.SplitPredictions`:
 
     probs = preds.bma()                                   # (n, C_max), zero-padded rows
     report = summarize(probs, preds.labels, preds.families, n_choices=preds.n_choices,
@@ -287,7 +287,7 @@ def e_aurc(confidence: np.ndarray, correct: np.ndarray) -> float:
 def coverage_at_risk(confidence: np.ndarray, correct: np.ndarray, max_risk: float) -> float:
     """Largest achievable coverage whose selective risk is <= max_risk; 0.0 if none.
 
-    Empirical (no finite-sample guarantee; see training.selective for that).
+    Empirical (no finite-sample guarantee; see training.eval.selective for that).
     """
     if not 0.0 <= max_risk <= 1.0:
         raise ValueError(f"max_risk must lie in [0, 1], got {max_risk}")

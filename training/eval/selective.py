@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import beta
 
-from training.metrics import RiskCoverage, risk_coverage_curve
+from training.eval.metrics import RiskCoverage, risk_coverage_curve
 
 METHODS = ("sgr", "ltt")
 DEFAULT_TARGETS = (0.01, 0.02, 0.05, 0.1, 0.2)

@@ -42,8 +42,8 @@ def prefix_cache_key(
 ) -> str:
     """File stem of one split's cached prefix hidden states (the states entering `first_layer`).
 
-    One key for fine-tuning (training.finetune.CachedPrefix) and prediction
-    (training.predictions.PrefixCache), so a split cached by either is reused by the other. It
+    One key for fine-tuning (training.stages.finetune.CachedPrefix) and prediction
+    (training.eval.predictions.PrefixCache), so a split cached by either is reused by the other. It
     covers everything the states depend on: the base's weight files, a base overlay applied at
     load (its sha256), the benchmark, the split and its limit, the first LoRA layer, the prompt
     format (app.prompt.PROMPT_VERSION).

@@ -26,11 +26,11 @@ from tqdm import tqdm
 from app.family import AUDIO_TOKEN, build_model, tiny_config
 from app.forward import letter_log_probs
 from app.modeling import LoadedModel, load_checkpoint, save_checkpoint
-from training.batches import bucketed_order, make_batch, prepare_split
-from training.checkpoint import append_log, fingerprint, load_state, save_state
+from training.base.tokenizer import train_tokenizer
 from training.config import PretrainConfig, to_dict
 from training.data.manifest import read_manifest
-from training.tokenizer import train_tokenizer
+from training.stages.batches import bucketed_order, make_batch, prepare_split
+from training.stages.loop import append_log, fingerprint, load_state, save_state
 
 
 def init_dir(cfg: PretrainConfig) -> Path:

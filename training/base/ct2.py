@@ -18,7 +18,7 @@ where `string` is a uint16 length (counting a trailing NUL) followed by UTF-8 by
 The file must end right after the aliases. bfloat16 variables are widened to float32 on reading
 (numpy has no bfloat16).
 
-    from training.ct2 import read_ct2
+    from training.base.ct2 import read_ct2
     ct2 = read_ct2("model.bin")        # -> CT2Model(version, spec, revision, variables, aliases)
     w = ct2.variables["encoder/conv1/weight"]   # np.ndarray (384, 80, 3) float16
 """

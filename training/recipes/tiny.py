@@ -6,7 +6,7 @@
 Writes `<work>/pipeline.json` (times, test metrics, per-family accuracy against chance) and
 `<work>/pipeline.md` with two figures: test accuracy per family (IVON mean, IVON BMA, AdamW,
 chance) and stage 1's calib accuracy per family against the step. A family counts as above
-chance when its one-sided p-value (`training.metrics.above_chance`) is below `ABOVE_CHANCE_P`.
+chance when its one-sided p-value (`training.eval.metrics.above_chance`) is below `ABOVE_CHANCE_P`.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def run_pipeline(
     """
     from training.config import FinetuneConfig, PretrainConfig, load_config
     from training.data.generate import BenchmarkConfig, generate_benchmark
-    from training.evaluate import calibrate_posterior, evaluate_posterior
-    from training.finetune import finetune
-    from training.pretrain import pretrain
+    from training.eval.evaluate import calibrate_posterior, evaluate_posterior
+    from training.stages.finetune import finetune
+    from training.stages.pretrain import pretrain
 
     work, configs = Path(work), Path(configs)
     data_dir = work / "data" / "bench"
@@ -131,7 +131,7 @@ def _cpus() -> int:
 
 def _stage1_curve(base: Path) -> list[dict]:
     """Stage 1's per-epoch log records (step, calib accuracy overall and per family)."""
-    from training.checkpoint import LOG_FILE
+    from training.stages.loop import LOG_FILE
 
     log = base.with_name(base.name + ".run") / LOG_FILE
     if not log.exists():
@@ -148,7 +148,7 @@ def families_above_chance(summary: dict, predictor: str) -> tuple[list[str], lis
 
 def write_pipeline_report(summary: dict, path: Path) -> Path:
     """`pipeline.md` with its figures next to it (family_accuracy.png, stage1_curves.png)."""
-    from training import plots
+    from training.eval import plots
 
     path = Path(path)
     names = list(summary["by_family"])

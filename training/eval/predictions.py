@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from app.predict import Predictor, Request
 from app.prompt import PROMPT_VERSION
-from training.batches import pad_rows
-from training.checkpoint import prefix_cache_key
 from training.data.manifest import load_audio_file, read_manifest
+from training.stages.batches import pad_rows
+from training.stages.loop import prefix_cache_key
 
 
 class PrefixCache:

@@ -4,7 +4,7 @@ The tiny model needs a tokenizer that no hub provides: this trains one with `tok
 benchmark's question/choice text (plus the prompt scaffolding), with the Qwen2-Audio audio special
 tokens and single-token option letters (" A" ... " J") guaranteed.
 
-    from training.tokenizer import train_tokenizer
+    from training.base.tokenizer import train_tokenizer
     tok = train_tokenizer(texts, vocab_size=1024)
 """
 
