@@ -1,8 +1,8 @@
 """Base overlays: the few base-model tensors a posterior was trained on top of, shipped with it.
 
 The embedded default's base (`quaver build-base`, 650 MB) is rebuilt from pinned packages and
-never committed, but its projector is new: initialised at assembly, optionally trained in stage 1
-(`training.align`). A posterior fine-tuned on top of it needs exactly that projector. Rather than
+never committed, but its projector is new: initialised at assembly (fixed seed). A posterior
+fine-tuned on top of it needs exactly that projector. Rather than
 ship a second 650 MB checkpoint, or trust every rebuild to draw the same initial weights, the
 posterior directory carries those tensors:
 

@@ -5,7 +5,7 @@
         --out docs/probe_default.json
 
 Reads the hidden states entering decoder layer `--layer` that fine-tuning cached for the
-`--train` and `--eval` splits (training.stages.finetune.CachedPrefix; run a fine-tuning with LoRA from
+`--train` and `--eval` splits (training.stages.prefix.CachedPrefix; run a fine-tuning with LoRA from
 that layer first, e.g. `quaver train --config configs/default-adapt.yaml`). Per family it fits
 a multinomial logistic regression (L-BFGS, L2) from two features to the answer *text* (not the
 letter) on `--train` and reports its accuracy on `--eval`:
@@ -27,7 +27,7 @@ import torch
 
 from app.modeling import load_checkpoint
 from training.stages.batches import prepare_split
-from training.stages.loop import prefix_cache_key
+from training.stages.prefix import prefix_cache_key
 
 QUARTERS = 4
 

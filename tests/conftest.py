@@ -119,6 +119,35 @@ def tone(seconds: float = 1.0, freq: float = 440.0, rate: int = 16000) -> np.nda
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
+# The toy benchmark every training test shares: a few dozen clips per split, rendered once.
+TOY_SIZES = {"pretrain": 48, "train": 20, "calib": 16, "test": 16, "test_shift": 8}
+
+
+@pytest.fixture(scope="session")
+def toy_bench(tmp_path_factory):
+    from training.data.generate import BenchmarkConfig, generate_benchmark
+
+    out = tmp_path_factory.mktemp("toy") / "bench"
+    return generate_benchmark(BenchmarkConfig(seed=3, **TOY_SIZES), out, progress=False)
+
+
+def toy_pretrain_config(data_dir, out_dir, **changes):
+    """Stage 1 at toy size: one epoch over the toy benchmark's `pretrain` split."""
+    from training.config import PretrainConfig
+
+    settings = {"epochs": 1, "batch_size": 8, "vocab_size": 600, "warmup_steps": 2, **changes}
+    return PretrainConfig(data_dir=data_dir, out_dir=out_dir, **settings)
+
+
+@pytest.fixture(scope="session")
+def toy_base(toy_bench, tmp_path_factory):
+    """A 1-epoch stage-1 tiny base trained on the toy benchmark (shared, never modified)."""
+    from training.stages.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("toy-base") / "base"
+    return pretrain(toy_pretrain_config(toy_bench, out), progress=False)
+
+
 @pytest.fixture(scope="session")
 def assembled_base(tmp_path_factory):
     """The embedded default's real base, assembled once per session from the pinned packages

@@ -7,22 +7,38 @@ from pathlib import Path
 import pytest
 
 from training.cli import _overrides, _stage
-from training.config import (
-    AlignConfig,
-    ConfigError,
-    FinetuneConfig,
-    PretrainConfig,
-    load_config,
-)
+from training.config import ConfigError, FinetuneConfig, PretrainConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-CLASSES = {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "align": AlignConfig}
+CLASSES = {"finetune": FinetuneConfig, "adapt": FinetuneConfig, "pretrain": PretrainConfig}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_loads(path: Path) -> None:
-    cfg = load_config(path, CLASSES[_stage(path)])
-    assert cfg is not None
+def test_every_shipped_config_names_its_stage_and_loads(path: Path) -> None:
+    import yaml
+
+    stage = _stage(path)
+    cfg = load_config(path, CLASSES[stage])
+    assert cfg.stage == stage
+    # every key of the file arrives in the config (none silently dropped or defaulted)
+    for key, value in (yaml.safe_load(path.read_text()) or {}).items():
+        if not isinstance(value, dict):
+            assert str(getattr(cfg, key)) == str(value) or getattr(cfg, key) == value, key
+
+
+def test_stage_is_named_and_checked(tmp_path: Path, capsys) -> None:
+    from training.cli import main
+
+    unnamed = tmp_path / "unnamed.yaml"
+    unnamed.write_text("epochs: 1\n")  # neither optimizer nor lora: once read as pretraining
+    assert main(["train", "--config", str(unnamed)]) == 2
+    assert "`stage` must name the stage (pretrain, adapt, finetune), got None" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(ConfigError, match="stage 'pretrain' is not one of finetune, adapt"):
+        load_config(CONFIGS / "tiny-pretrain.yaml", FinetuneConfig)
+    with pytest.raises(ConfigError, match="stage 'finetune' is not one of pretrain"):
+        load_config(CONFIGS / "tiny-ivon.yaml", PretrainConfig)
 
 
 def test_set_exponent_without_dot_is_a_number() -> None:

@@ -15,32 +15,15 @@ from app.modeling import load_checkpoint
 from app.posterior import load_posterior
 from app.predict import Predictor, Request
 from tests.conftest import tone
-from training.config import PretrainConfig
-from training.data.generate import BenchmarkConfig, generate_benchmark
-from training.stages.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_identical_posterior(tmp_path):
-    data = generate_benchmark(
-        BenchmarkConfig(seed=5, pretrain=16, train=20, calib=8, test=8, test_shift=4),
-        tmp_path / "bench",
-        progress=False,
-    )
-    base = pretrain(
-        PretrainConfig(
-            data_dir=data,
-            out_dir=tmp_path / "base",
-            epochs=1,
-            batch_size=8,
-            vocab_size=600,
-            warmup_steps=1,
-        ),
-        progress=False,
-    )
+def test_torchrun_two_ranks_identical_posterior(toy_bench, toy_base, tmp_path):
+    data, base = toy_bench, toy_base
     cfg = {
+        "stage": "finetune",
         "base_dir": str(base),
         "data_dir": str(data),
         "out_dir": str(tmp_path / "run"),

@@ -17,8 +17,7 @@ from app.modeling import load_checkpoint
 from app.posterior import load_posterior
 from app.server import create_app
 from app.settings import Settings
-from training.config import AdamWConfig, FinetuneConfig, LoRAConfig, PretrainConfig
-from training.data.generate import BenchmarkConfig, generate_benchmark
+from training.config import AdamWConfig, FinetuneConfig, LoRAConfig
 from training.data.manifest import read_manifest
 from training.stages.finetune import finetune
 from training.stages.pretrain import pretrain
@@ -27,24 +26,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(toy_bench, toy_base, tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
-    data = generate_benchmark(
-        BenchmarkConfig(seed=3, pretrain=48, train=24, calib=16, test=16, test_shift=8),
-        work / "bench",
-        progress=False,
-    )
-    base = pretrain(
-        PretrainConfig(
-            data_dir=data,
-            out_dir=work / "base",
-            epochs=1,
-            batch_size=8,
-            vocab_size=600,
-            warmup_steps=2,
-        ),
-        progress=False,
-    )
+    data, base = toy_bench, toy_base
     run = FinetuneConfig(
         base_dir=base,
         data_dir=data,
@@ -175,3 +159,73 @@ def test_serve_and_answer(pipeline):
         body = r.json()
         assert body["answer"] in item.choices and body["samples"] == 8
         assert 0 < body["confidence"] <= 1 and body["uncertainty"]["mutual_information"] >= 0
+
+
+def test_every_stage_refuses_a_finished_output_made_with_other_settings(
+    toy_bench, toy_base, pipeline, tmp_path, capsys
+):
+    import yaml
+    from conftest import toy_pretrain_config
+
+    from training.cli import main
+    from training.config import ConfigError, to_dict
+
+    # pretrain: the shared toy base, asked for with another learning rate
+    with pytest.raises(ConfigError, match=r"other settings \(lr: 0.002 -> 0.001\)"):
+        pretrain(toy_pretrain_config(toy_bench, toy_base, lr=1e-3), progress=False)
+    # the same settings with other threads: a result-neutral change, the base is reused
+    again = toy_pretrain_config(toy_bench, toy_base, threads=1)
+    assert pretrain(again, progress=False) == toy_base
+    # adapt and finetune, through the CLI: one line on stderr, exit 2
+    _, _, _, run = pipeline
+    for stage in ("finetune", "adapt"):
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(yaml.safe_dump({**to_dict(run), "stage": stage, "batch_size": 4}))
+        assert main(["train", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert "holds a finished run with other settings (batch_size: 8 -> 4)" in err
+
+
+def test_more_epochs_continue_a_finished_run(toy_bench, toy_base, tmp_path):
+    from conftest import toy_pretrain_config
+
+    from training.stages.loop import read_log
+    from training.stages.pretrain import run_dir
+
+    # LoRA stage, constant learning rate: one epoch then a second equals two epochs straight
+    def run(out, epochs):
+        cfg = FinetuneConfig(
+            base_dir=toy_base,
+            data_dir=toy_bench,
+            out_dir=out,
+            epochs=epochs,
+            batch_size=8,
+            cosine=False,
+        )
+        cfg.lora.top_layers = 1
+        cfg.ivon.ess, cfg.ivon.hess_init, cfg.ivon.clip_radius = 2000.0, 0.1, float("inf")
+        return cfg
+
+    finetune(run(tmp_path / "grown", 1), progress=False)
+    grown = load_posterior(finetune(run(tmp_path / "grown", 2), progress=False))
+    straight = load_posterior(finetune(run(tmp_path / "straight", 2), progress=False))
+    assert [r["epoch"] for r in read_log(tmp_path / "grown")] == [1, 2]
+    assert grown.meta["hyperparameters"]["epochs"] == 2
+    for key in straight.mean:
+        assert grown.mean[key].allclose(straight.mean[key], atol=1e-6), key
+        assert grown.std[key].allclose(straight.std[key], atol=1e-6), key
+    # stage 1: the second epoch continues from the first one's state, not from scratch
+    one = toy_pretrain_config(toy_bench, tmp_path / "base")
+    pretrain(one, progress=False)
+    first = load_checkpoint(one.out_dir).model.state_dict()
+    pretrain(dataclasses.replace(one, epochs=2), progress=False)
+    log = read_log(run_dir(one.out_dir))
+    assert [r["epoch"] for r in log] == [1, 2] and log[1]["step"] == 2 * log[0]["step"]
+    second = load_checkpoint(one.out_dir).model.state_dict()
+    assert any(not first[k].equal(second[k]) for k in first)
+    # fewer epochs than the finished run cannot be answered by it
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"epochs: 2 -> 1"):
+        pretrain(one, progress=False)

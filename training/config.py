@@ -91,6 +91,8 @@ class AdamWConfig:
 class PretrainConfig:
     """Stage 1: build and train the tiny base model (full weights, AdamW) on `pretrain`."""
 
+    STAGES: typing.ClassVar[tuple[str, ...]] = ("pretrain",)  # values `stage` may take
+    stage: str = "pretrain"  # the stage this config is for (the only one: pretrain)
     data_dir: Path = Path("data/bench")  # benchmark directory (from `quaver data`)
     out_dir: Path = Path("artifacts/tiny-base")  # checkpoint directory written at the end
     split: str = "pretrain"  # training split
@@ -102,47 +104,24 @@ class PretrainConfig:
     warmup_steps: int = 50  # linear warm-up steps
     weight_decay: float = 0.01  # AdamW weight decay
     seed: int = 0  # seed of init, shuffling and dropout
+    checkpoint_every: int = 0  # steps between resumable checkpoints (0 = at epoch ends only)
     threads: int = 0  # torch threads (0 = torch's default)
 
     def __post_init__(self) -> None:
         self.data_dir, self.out_dir = Path(self.data_dir), Path(self.out_dir)
+        _check_stage(self)
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("pretrain: epochs, batch_size and lr must be positive")
 
 
 @dataclass
-class AlignConfig:
-    """Stage 1 for a pretrained base: train the new projector only (encoder and LM frozen)."""
-
-    base_dir: Path = Path("artifacts/base")  # assembled base (`quaver build-base`)
-    data_dir: Path = Path("data/bench")  # benchmark directory
-    out_dir: Path = Path("artifacts/default-aligned")  # checkpoint written at the end
-    split: str = "pretrain"  # training split
-    eval_split: str = "calib"  # split whose accuracy is logged per epoch
-    limit: int | None = None  # use only the first N training items
-    eval_limit: int | None = 200  # evaluate on the first N items of eval_split
-    epochs: int = 1  # passes over the split
-    batch_size: int = 8  # prompts per step
-    lr: float = 1e-3  # AdamW learning rate (cosine with warm-up)
-    warmup_steps: int = 20  # linear warm-up steps
-    seed: int = 0  # seed of shuffling
-    checkpoint_every: int = 50  # steps between resumable checkpoints
-    threads: int = 0  # torch threads (0 = torch's default)
-
-    def __post_init__(self) -> None:
-        self.base_dir, self.data_dir, self.out_dir = (
-            Path(self.base_dir),
-            Path(self.data_dir),
-            Path(self.out_dir),
-        )
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ConfigError("align: epochs, batch_size and lr must be positive")
-
-
-@dataclass
 class FinetuneConfig:
-    """Stage 2: LoRA fine-tuning on `train` with IVON or AdamW through the same loop."""
+    """A LoRA stage on a frozen base, IVON or AdamW through the same loop: `finetune` (stage 2,
+    the limited-data fine-tuning on `train`) or `adapt` (the default's stage 1b, AdamW on the
+    broad `pretrain` split, whose adapter stage 2 starts from)."""
 
+    STAGES: typing.ClassVar[tuple[str, ...]] = ("finetune", "adapt")  # values `stage` may take
+    stage: str = "finetune"  # "finetune" or "adapt": a label of the run (logs, messages)
     base_dir: Path = Path("artifacts/tiny-base")  # base checkpoint (stage 1 output or build-base)
     data_dir: Path = Path("data/bench")  # benchmark directory
     out_dir: Path = Path("runs/tiny-ivon")  # run directory: checkpoints, log, exported posterior
@@ -178,12 +157,25 @@ class FinetuneConfig:
             self.prefix_cache = Path(self.prefix_cache)
         if self.init_from is not None:
             self.init_from = Path(self.init_from)
+        _check_stage(self)
         if self.optimizer not in ("ivon", "adamw"):
             raise ConfigError(f"optimizer must be 'ivon' or 'adamw', got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("finetune: epochs and batch_size must be >= 1")
         if self.eval_split == "test":
             raise ConfigError("eval_split must not be 'test': tune on calib, report on test")
+
+
+STAGES = ("pretrain", "adapt", "finetune")  # the values of a config's `stage` key
+
+
+def _check_stage(cfg) -> None:
+    _check_stage_name(type(cfg), cfg.stage)
+
+
+def _check_stage_name(cls, stage) -> None:
+    if stage not in cls.STAGES:
+        raise ConfigError(f"{cls.__name__}: stage {stage!r} is not one of {', '.join(cls.STAGES)}")
 
 
 def _coerce_number(owner: str, key: str, hint, value):
@@ -229,11 +221,14 @@ def _build(cls, data: dict):
 def load_config(path: str | Path, cls, overrides: dict | None = None):
     """Read a YAML file into config dataclass `cls`; `overrides` (dotted keys) win.
 
-    A top-level `stage` key (pretrain / align / finetune) tells the CLI which class to use and is
-    not a field of any of them.
+    The file's top-level `stage` key (pretrain / adapt / finetune) is a field of the config and
+    is validated against `cls` (a pretrain file read as a LoRA stage is refused).
     """
     data = yaml.safe_load(Path(path).read_text()) or {}
-    data.pop("stage", None)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    if "stage" in data:  # before the other keys: a file of another stage fails on its name
+        _check_stage_name(cls, data["stage"])
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

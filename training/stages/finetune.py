@@ -16,28 +16,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from tqdm import tqdm
 
-from app.forward import choice_log_probs, prefix_hidden, suffix_letter_logits
+from app.forward import choice_log_probs, suffix_letter_logits
 from app.modeling import LoadedModel, load_checkpoint
 from app.posterior import LoRASpec, Posterior, PosteriorError, load_posterior, save_posterior
-from training.config import ConfigError, FinetuneConfig, to_dict
+from training.config import FinetuneConfig, to_dict
 from training.ivon import IVON
-from training.stages.batches import Example, epoch_order, make_batch, pad_rows, prepare_split
+from training.stages.batches import Example, epoch_order, prepare_split
 from training.stages.distributed import DistInfo, all_reduce_grads, barrier, setup
-from training.stages.loop import (
-    append_log,
-    fingerprint,
-    load_state,
-    prefix_cache_key,
-    save_state,
-)
+from training.stages.loop import Steps, fingerprint, reuse_finished, run_epochs, save_atomic
+from training.stages.prefix import CachedPrefix, prefix_cache_key
 
 
 def lora_spec(loaded: LoadedModel, cfg: FinetuneConfig) -> LoRASpec:
@@ -58,50 +51,6 @@ def module_of(param_name: str) -> tuple[str, str]:
     name = param_name.removeprefix("base_model.model.")
     head, _, tail = name.partition(".lora_")
     return head, tail[0]
-
-
-class CachedPrefix:
-    """Hidden states entering the first LoRA layer, per example (computed once, frozen base).
-
-    With `store`, they are kept on disk under a key of everything they depend on (the base's
-    weight files, the data, the split and its limit, the first LoRA layer), so later runs on the
-    same base (other seeds, optimizers, hyperparameters) load them instead of recomputing.
-    """
-
-    def __init__(
-        self,
-        model,
-        examples: list[Example],
-        split: int,
-        pad_id: int,
-        progress: bool,
-        store: Path | None = None,
-        key: str = "",
-    ):
-        self.hidden: list[torch.Tensor] = []
-        path = Path(store) / f"{key}.pt" if store is not None else None
-        if path is not None and path.exists():
-            self.hidden = torch.load(path, weights_only=True)
-            if len(self.hidden) == len(examples):
-                return
-            self.hidden = []
-        with torch.no_grad():
-            for i in tqdm(
-                range(0, len(examples), 16), desc="cache prefix", disable=not progress, leave=False
-            ):
-                chunk = examples[i : i + 16]
-                batch, _ = make_batch(chunk, pad_id)
-                h = prefix_hidden(model, batch, split)  # (b, T, d)
-                for j, ex in enumerate(chunk):
-                    self.hidden.append(h[j, : len(ex.prepared.prompt.ids)].clone())
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs may write it too
-            torch.save(self.hidden, tmp)
-            tmp.replace(path)
-
-    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_rows([self.hidden[i] for i in idx])
 
 
 def warm_start(named, loaded: LoadedModel, spec: LoRASpec, init_from: Path) -> None:
@@ -155,36 +104,91 @@ def evaluate_mean(model, cache, examples, split, letter_ids) -> dict:
     }
 
 
-# settings that do not change what a finished run learned
-_NOT_RESULT = ("threads", "checkpoint_every", "out_dir", "prefix_cache")
+class _LoRASteps(Steps):
+    """IVON or AdamW steps on the LoRA parameters, over the cached prefix hidden states."""
+
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        model,
+        params: list[torch.Tensor],
+        opt,
+        data: tuple[list[Example], CachedPrefix, list[Example], CachedPrefix],
+        split: int,
+        letter_ids: torch.Tensor,
+        info: DistInfo,
+    ) -> None:
+        self.cfg, self.model, self.params, self.opt = cfg, model, params, opt
+        self.train, self.cache, self.evals, self.eval_cache = data
+        self.split, self.letter_ids, self.info = split, letter_ids, info
+        ivon = cfg.optimizer == "ivon"
+        self.base_lr = cfg.ivon.lr if ivon else cfg.adamw.lr
+        self.mc = cfg.ivon.mc_samples if ivon else 1
+        self.total = math.ceil(len(self.train) / cfg.batch_size) * cfg.epochs
+
+    def order(self, epoch: int) -> list[list[int]]:
+        return epoch_order(len(self.train), self.cfg.batch_size, self.cfg.seed, epoch)
+
+    def step(self, idx: list[int], step: int) -> tuple[list[float], int, int] | None:
+        cfg, opt = self.cfg, self.opt
+        cos = 0.5 * (1 + math.cos(math.pi * step / self.total))
+        for g in opt.param_groups:
+            g["lr"] = self.base_lr * (cos if cfg.cosine else 1.0)
+        if len(idx) < self.info.world:  # a last batch too small to share: every rank skips it
+            return None
+        idx = self.info.shard(idx)  # this rank's part of the batch
+        labels = torch.tensor([self.train[i].label for i in idx])
+        opt.zero_grad(set_to_none=True)
+        losses = []
+        for _ in range(self.mc):
+            ctx = opt.sampled_params(train=True) if cfg.optimizer == "ivon" else _null()
+            with ctx:
+                lp = _log_probs(
+                    self.model, self.cache, self.train, idx, self.split, self.letter_ids
+                )
+                loss = torch.nn.functional.nll_loss(lp, labels)
+                loss.backward()
+            losses.append(loss.item())
+        if cfg.optimizer == "adamw":
+            all_reduce_grads(self.params, self.info)
+        opt.step()
+        return losses, int((lp.argmax(-1) == labels).sum()), len(idx)
+
+    def state(self) -> dict:
+        return {"params": [p.detach().clone() for p in self.params], "opt": self.opt.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        for p, saved in zip(self.params, state["params"], strict=True):
+            p.data.copy_(saved)
+        self.opt.load_state_dict(state["opt"])
+
+    def evaluate(self) -> dict:
+        cfg, opt = self.cfg, self.opt
+        metrics = evaluate_mean(
+            self.model, self.eval_cache, self.evals, self.split, self.letter_ids
+        )
+        record = {f"{cfg.eval_split}_{k}": v for k, v in metrics.items()}
+        if cfg.optimizer == "ivon":
+            record["hessian"] = opt.hessian_stats()
+            record["std_median"] = float(
+                torch.cat([opt.posterior_std(p).flatten() for p in self.params]).median()
+            )
+        return record
 
 
-def settings_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """'key: stored -> wanted' for each setting that differs, nested keys dotted."""
-    out = []
-    for key in sorted(set(stored) | set(wanted)):
-        if not prefix and key in _NOT_RESULT:
-            continue
-        a, b = stored.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += settings_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
+def finished_settings(post_dir: Path) -> dict | None:
+    """The settings a finished run's posterior records (None when there is none)."""
+    meta = post_dir / "quaver.json"
+    if not meta.exists():
+        return None
+    return json.loads(meta.read_text()).get("hyperparameters")
 
 
 def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
-    """Run stage 2 and export; returns the posterior directory."""
+    """Run the LoRA stage and export; returns the posterior directory."""
     post_dir = cfg.out_dir / "posterior"
-    if (post_dir / "quaver.json").exists():
-        stored = json.loads((post_dir / "quaver.json").read_text()).get("hyperparameters", {})
-        diff = settings_diff(stored, to_dict(cfg))
-        if diff:
-            raise ConfigError(
-                f"{post_dir} holds a finished run with other settings ({'; '.join(diff)}): "
-                "remove that directory or choose another out_dir"
-            )
-        print(f"[finetune] {post_dir} exists with these settings: nothing to do")
+    if post_dir.exists() and reuse_finished(post_dir, finished_settings(post_dir), to_dict(cfg)):
+        print(f"[{cfg.stage}] {post_dir} exists with these settings: nothing to do")
         return post_dir
     info = setup()  # torchrun: one rank per process; otherwise a single process
     progress = progress and info.is_main
@@ -221,9 +225,34 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     params = [p for _, p in named]
     if cfg.init_from is not None:
         warm_start(named, loaded, spec, cfg.init_from)
+    opt = make_optimizer(cfg, params, sync=info.enabled)
+    data = (train, train_cache, evals, eval_cache)
+    steps = _LoRASteps(cfg, model, params, opt, data, split, loaded.letter_ids, info)
+    train_s = run_epochs(
+        steps,
+        stage=cfg.stage,
+        run_dir=cfg.out_dir,
+        fp=fingerprint(to_dict(cfg)),
+        epochs=cfg.epochs,
+        header={"optimizer": cfg.optimizer},
+        checkpoint_every=cfg.checkpoint_every,
+        progress=progress,
+        is_main=info.is_main,
+        desc=cfg.optimizer,
+    )
+    if info.enabled:
+        _write_rank_digest(cfg, named, opt, info)
+    if info.is_main:
+        save_atomic(post_dir, lambda tmp: export(cfg, loaded, spec, named, opt, train_s, tmp))
+    barrier(info)
+    return post_dir
+
+
+def make_optimizer(cfg: FinetuneConfig, params: list, sync: bool = False):
+    """The stage's optimizer, chosen once: IVON (a posterior) or AdamW (a point estimate)."""
     if cfg.optimizer == "ivon":
         ic = cfg.ivon
-        opt = IVON(
+        return IVON(
             params,
             lr=ic.lr,
             ess=ic.ess,
@@ -235,107 +264,10 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
             mc_samples=ic.mc_samples,
             rescale_lr=ic.rescale_lr,
             seed=cfg.seed,
-            sync=info.enabled,  # torchrun: all-reduce IVON's statistics so ranks agree
+            sync=sync,  # torchrun: all-reduce IVON's statistics so ranks agree
         )
-        base_lr, mc = ic.lr, ic.mc_samples
-    else:
-        ac = cfg.adamw
-        opt = torch.optim.AdamW(params, lr=ac.lr, betas=ac.betas, weight_decay=ac.weight_decay)
-        base_lr, mc = ac.lr, 1
-    total = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
-    fp = fingerprint(to_dict(cfg))
-    state = load_state(cfg.out_dir, fp)
-    start_epoch, step, skip = 0, 0, 0
-    if state is not None:
-        for (_, p), saved in zip(named, state["params"], strict=True):
-            p.data.copy_(saved)
-        opt.load_state_dict(state["opt"])
-        start_epoch, step, skip = state["epoch"], state["step"], state["batch_in_epoch"]
-        print(f"[finetune] resuming at epoch {start_epoch + 1}, step {step}")
-    letter_ids = loaded.letter_ids
-    t0 = time.time()
-
-    def checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        save_state(
-            cfg.out_dir,
-            {
-                "fingerprint": fp,
-                "params": [p.detach().clone() for p in params],
-                "opt": opt.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "batch_in_epoch": batch_in_epoch,
-            },
-        )
-
-    for epoch in range(start_epoch, cfg.epochs):
-        order = epoch_order(len(train), cfg.batch_size, cfg.seed, epoch)
-        losses, hits, seen = [], 0, 0
-        bar = tqdm(
-            order,
-            desc=f"{cfg.optimizer} epoch {epoch + 1}/{cfg.epochs}",
-            disable=not progress,
-            initial=skip,
-            total=len(order),
-        )
-        for b, idx in enumerate(order):
-            if b < skip:
-                continue
-            lr = base_lr * (0.5 * (1 + math.cos(math.pi * step / total)) if cfg.cosine else 1.0)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            if len(idx) < info.world:  # a last batch too small to share: every rank skips it
-                continue
-            idx = info.shard(idx)  # this rank's part of the batch
-            labels = torch.tensor([train[i].label for i in idx])
-            opt.zero_grad(set_to_none=True)
-            for _ in range(mc):
-                ctx = opt.sampled_params(train=True) if cfg.optimizer == "ivon" else _null()
-                with ctx:
-                    lp = _log_probs(model, train_cache, train, idx, split, letter_ids)
-                    loss = torch.nn.functional.nll_loss(lp, labels)
-                    loss.backward()
-                losses.append(loss.item())
-            if cfg.optimizer == "adamw":
-                all_reduce_grads(params, info)
-            opt.step()
-            step += 1
-            hits += int((lp.argmax(-1) == labels).sum())
-            seen += len(idx)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-            if step % cfg.checkpoint_every == 0 and info.is_main:
-                checkpoint(epoch, b + 1)
-        bar.close()
-        skip = 0
-        record = {
-            "stage": "finetune",
-            "optimizer": cfg.optimizer,
-            "epoch": epoch + 1,
-            "step": step,
-            "loss": sum(losses) / max(1, len(losses)),
-            "train_acc": hits / max(1, seen),
-            "elapsed_s": time.time() - t0,
-            **{
-                f"{cfg.eval_split}_{k}": v
-                for k, v in evaluate_mean(model, eval_cache, evals, split, letter_ids).items()
-            },
-        }
-        if cfg.optimizer == "ivon":
-            record["hessian"] = opt.hessian_stats()
-            record["std_median"] = float(
-                torch.cat([opt.posterior_std(p).flatten() for p in params]).median()
-            )
-        if info.is_main:
-            print(f"[finetune] {record}")
-            append_log(cfg.out_dir, record)
-            checkpoint(epoch + 1, 0)
-    if info.enabled:
-        _write_rank_digest(cfg, named, opt, info)
-    if info.is_main:
-        export(cfg, loaded, spec, named, opt, time.time() - t0)
-    barrier(info)
-    return post_dir
+    ac = cfg.adamw
+    return torch.optim.AdamW(params, lr=ac.lr, betas=ac.betas, weight_decay=ac.weight_decay)
 
 
 def _write_rank_digest(cfg: FinetuneConfig, named, opt, info: DistInfo) -> None:
@@ -358,9 +290,16 @@ class _null:
 
 
 def export(
-    cfg: FinetuneConfig, loaded: LoadedModel, spec: LoRASpec, named, opt, train_s: float
+    cfg: FinetuneConfig,
+    loaded: LoadedModel,
+    spec: LoRASpec,
+    named,
+    opt,
+    train_s: float,
+    out: Path | None = None,
 ) -> Path:
-    """Write `<out_dir>/posterior` (app.posterior format) from the trained LoRA parameters."""
+    """Write the posterior (app.posterior format) from the trained LoRA parameters into `out`
+    (default `<out_dir>/posterior`)."""
     mean, std = {}, {}
     for name, p in named:
         module, which = module_of(name)
@@ -385,4 +324,5 @@ def export(
         "train_seconds": train_s,  # unrounded: a 2-step run on a fast machine is < 0.05 s
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return save_posterior(cfg.out_dir / "posterior", Posterior(spec, mean, std, meta))
+    out = cfg.out_dir / "posterior" if out is None else out
+    return save_posterior(out, Posterior(spec, mean, std, meta))

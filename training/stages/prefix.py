@@ -1,0 +1,98 @@
+"""Hidden states entering the first LoRA layer, cached per split: the frozen part of a pass.
+
+Nothing below the first LoRA layer trains, so every LoRA stage (and every prediction of a
+posterior with LoRA in the same layers) computes the same states there. `CachedPrefix` keeps
+them for a training run, on disk under `prefix_cache_key` when a folder is given; evaluation's
+`training.eval.predictions.PrefixCache` reads and writes the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from app.forward import prefix_hidden
+from app.prompt import PROMPT_VERSION
+from training.stages.batches import Example, make_batch, pad_rows
+
+
+def weights_stamp(model_dir: Path) -> bytes:
+    """Cheap identity of a checkpoint's weights (names, sizes, mtimes of its .safetensors), for
+    caches of activations that depend on them; rewriting the weights changes it."""
+    parts = []
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        st = f.stat()
+        parts.append(f"{f.name}|{st.st_size}|{st.st_mtime_ns}")
+    return ";".join(parts).encode()
+
+
+def prefix_cache_key(
+    base_dir: Path,
+    data_dir: Path,
+    split: str,
+    first_layer: int,
+    limit: int | None = None,
+    overlay_sha: str | None = None,
+) -> str:
+    """File stem of one split's cached prefix hidden states (the states entering `first_layer`).
+
+    One key for fine-tuning (CachedPrefix) and prediction (training.eval.predictions.PrefixCache),
+    so a split cached by either is reused by the other. It covers everything the states depend
+    on: the base's weight files, a base overlay applied at load (its sha256), the benchmark, the
+    split and its limit, the first LoRA layer, the prompt format (app.prompt.PROMPT_VERSION).
+    """
+    h = hashlib.sha256(weights_stamp(base_dir))
+    h.update((Path(data_dir) / "dataset.json").read_bytes())
+    h.update(f"{Path(base_dir).resolve()}|{split}|{limit}|{first_layer}".encode())
+    h.update(f"|prompt v{PROMPT_VERSION}".encode())
+    if overlay_sha is not None:
+        h.update(f"|overlay {overlay_sha}".encode())
+    return f"{split}-L{first_layer}-{h.hexdigest()[:16]}"
+
+
+class CachedPrefix:
+    """Hidden states entering the first LoRA layer, per example (computed once, frozen base).
+
+    With `store`, they are kept on disk under a key of everything they depend on (the base's
+    weight files, the data, the split and its limit, the first LoRA layer), so later runs on the
+    same base (other seeds, optimizers, hyperparameters) load them instead of recomputing.
+    """
+
+    def __init__(
+        self,
+        model,
+        examples: list[Example],
+        split: int,
+        pad_id: int,
+        progress: bool,
+        store: Path | None = None,
+        key: str = "",
+    ):
+        self.hidden: list[torch.Tensor] = []
+        path = Path(store) / f"{key}.pt" if store is not None else None
+        if path is not None and path.exists():
+            self.hidden = torch.load(path, weights_only=True)
+            if len(self.hidden) == len(examples):
+                return
+            self.hidden = []
+        with torch.no_grad():
+            for i in tqdm(
+                range(0, len(examples), 16), desc="cache prefix", disable=not progress, leave=False
+            ):
+                chunk = examples[i : i + 16]
+                batch, _ = make_batch(chunk, pad_id)
+                h = prefix_hidden(model, batch, split)  # (b, T, d)
+                for j, ex in enumerate(chunk):
+                    self.hidden.append(h[j, : len(ex.prepared.prompt.ids)].clone())
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs may write it too
+            torch.save(self.hidden, tmp)
+            tmp.replace(path)
+
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_rows([self.hidden[i] for i in idx])
