@@ -54,10 +54,18 @@ def active_samples(samples: SampleSet | None) -> Iterator[None]:
 class PosteriorLinear(nn.Module):
     """A Linear with the LoRA mean merged in, plus per-row sampled deviations when active."""
 
-    def __init__(self, base: nn.Linear, name: str) -> None:
+    def __init__(
+        self, base: nn.Linear, name: str, merged: tuple[torch.Tensor, torch.Tensor, float]
+    ) -> None:
         super().__init__()
         self.base = base
         self.name = name
+        self.merged = merged  # (mA (r, in), mB (out, r), scale): what `base.weight` carries
+
+    def merged_delta(self) -> torch.Tensor:
+        """s * mB @ mA in float64 on the weight's device: (out, in)."""
+        m_a, m_b, scale = self.merged
+        return (scale * (m_b.double() @ m_a.double())).to(self.base.weight.device)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -85,8 +93,8 @@ class PosteriorLinear(nn.Module):
 def attach_posterior(model: nn.Module, posterior: Posterior) -> dict[str, PosteriorLinear]:
     """Merge the posterior mean into `model`'s weights and wrap every LoRA target (once, at load).
 
-    Returns the wrappers by module path. The model must not be shared with code expecting the
-    un-merged base weights.
+    Returns the wrappers by module path. Until `detach_posterior`, the model must not be shared
+    with code expecting the un-merged base weights.
     """
     spec = posterior.spec
     modules = dict(model.named_modules())
@@ -97,13 +105,10 @@ def attach_posterior(model: nn.Module, posterior: Posterior) -> dict[str, Poster
             raise ValueError(f"{name} already carries a posterior")
         m_a, _ = posterior.factor(name, "A")
         m_b, _ = posterior.factor(name, "B")
-        with torch.no_grad():
-            delta = spec.scale * (m_b.double() @ m_a.double())  # (out, in), merged in float64
-            lin.weight.copy_(
-                (lin.weight.double() + delta.to(lin.weight.device)).to(lin.weight.dtype)
-            )
+        wrapper = PosteriorLinear(lin, name, (m_a, m_b, spec.scale))
+        with torch.no_grad():  # (out, in), merged in float64
+            lin.weight.copy_((lin.weight.double() + wrapper.merged_delta()).to(lin.weight.dtype))
         parent_name, _, leaf = name.rpartition(".")
-        wrapper = PosteriorLinear(lin, name)
         setattr(modules[parent_name], leaf, wrapper)
         wrappers[name] = wrapper
     return wrappers
@@ -151,14 +156,19 @@ def concat_factors(parts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) ->
 
 
 def detach_posterior(model: nn.Module) -> int:
-    """Put the plain Linear layers back in place of the wrappers (the merged mean stays).
+    """Undo `attach_posterior`: subtract the merged mean and put the plain Linear layers back.
 
-    For benchmarks that try several LoRA placements on one model; returns the count unwrapped.
+    The model then holds its base weights again (to rounding: the mean is added and subtracted
+    in float64, each weight rounded once per step) and can take another posterior. Returns the
+    number of layers unwrapped.
     """
     count = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, PosteriorLinear):
+                w = child.base.weight
+                with torch.no_grad():
+                    w.copy_((w.double() - child.merged_delta()).to(w.dtype))
                 setattr(module, child_name, child.base)
                 count += 1
     return count

@@ -7,12 +7,20 @@ is fetched from a hub: `local_files_only` is always set.
 
     from app.modeling import load_checkpoint
     ckpt = load_checkpoint("artifacts/base")   # -> LoadedModel(model, tokenizer, features, ...)
+    ckpt.identity                              # sha256 of the weights + tokenizer + config
+
+A base is identified by its content (`base_identity`): a posterior records the identity of the
+base it was trained on and refuses any other, even one of the same shape. The identity is
+computed once, when a checkpoint is saved or first loaded, and stored beside the weights in
+`quaver_identity.json` together with each hashed file's size and mtime; a file rewritten since
+is noticed by its stamp and the identity recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +47,22 @@ _VOLATILE_KEYS = {
 }
 
 
+IDENTITY_FILE = "quaver_identity.json"
+# What a base's identity covers besides its *.safetensors weights: the architecture, the audio
+# features and the tokenizer (a locally trained tokenizer differs between bases of one shape).
+IDENTITY_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
 class ModelLoadError(RuntimeError):
     """A model directory that cannot be loaded (missing files, wrong architecture)."""
 
@@ -57,6 +81,45 @@ def config_hash(config: PretrainedConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _identity_files(model_dir: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in model_dir.iterdir()
+        if p.is_file() and (p.name in IDENTITY_FILES or p.suffix == ".safetensors")
+    )
+
+
+def base_identity(model_dir: str | Path) -> str:
+    """sha256 of a checkpoint's weights, tokenizer and config files (names and bytes).
+
+    Read from `quaver_identity.json` when every hashed file still has the size and mtime stored
+    there; otherwise computed (about 1 s per GB) and stored, when the folder is writable.
+    """
+    path = Path(model_dir)
+    files = _identity_files(path)
+    stamp = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    try:
+        stored = json.loads((path / IDENTITY_FILE).read_text())
+        if stored.get("files") == stamp:
+            return str(stored["identity"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with p.open("rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 22), b""):
+                h.update(block)
+    identity = h.hexdigest()
+    tmp = path / f".{IDENTITY_FILE}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps({"identity": identity, "files": stamp}, indent=2) + "\n")
+        os.replace(tmp, path / IDENTITY_FILE)
+    except OSError:  # a read-only checkpoint: the identity is recomputed at each load
+        tmp.unlink(missing_ok=True)
+    return identity
+
+
 @dataclass
 class LoadedModel:
     """A model with everything needed to turn (audio, question, choices) into letter scores."""
@@ -67,7 +130,8 @@ class LoadedModel:
     prompts: PromptBuilder
     family: ModelFamily
     path: Path
-    config_hash: str
+    config_hash: str  # the architecture (config) alone
+    identity: str  # the content: weights, tokenizer, config (`base_identity`)
 
     @property
     def letter_ids(self) -> torch.Tensor:
@@ -113,7 +177,9 @@ def load_checkpoint(
     cfg = model.config
     features = FeatureExtractor(_n_mels(path, cfg), family.window_frames(cfg))
     prompts = PromptBuilder(tokenizer, family.audio_token_id(model))
-    return LoadedModel(model, tokenizer, features, prompts, family, path, config_hash(cfg))
+    return LoadedModel(
+        model, tokenizer, features, prompts, family, path, config_hash(cfg), base_identity(path)
+    )
 
 
 def save_checkpoint(model, tokenizer, model_dir: str | Path) -> Path:
@@ -135,4 +201,5 @@ def save_checkpoint(model, tokenizer, model_dir: str | Path) -> Path:
         chunk_length=max(1, frames * HOP_LENGTH // SAMPLE_RATE),
         n_samples=frames * HOP_LENGTH,
     ).save_pretrained(path)
+    base_identity(path)  # computed once now, stored beside the weights
     return path

@@ -3,7 +3,7 @@
     posterior.safetensors      fp32 "<module>.lora_A.weight.mean" / ".std", same for lora_B
     adapter_model.safetensors  the mean as a plain PEFT adapter ("base_model.model.<module>...")
     adapter_config.json        PEFT LoRA config for that adapter
-    quaver.json                format_version, base (path, config_hash), lora spec, optimizer and
+    quaver.json                format_version, base (path, identity, config_hash), lora spec, optimizer and
                                its hyperparameters, data fingerprint, metrics, calibration table
 
 `<module>` is the module path inside `Qwen2AudioForConditionalGeneration`, e.g.
@@ -138,17 +138,35 @@ def save_posterior(out_dir: str | Path, posterior: Posterior) -> Path:
     return out
 
 
+def check_base(path: Path, meta: dict, expected_base: str) -> None:
+    """Refuse a posterior trained on another base than the loaded one (identity `expected_base`)."""
+    base = meta.get("base", {})
+    trained_on = base.get("identity")
+    if trained_on is None:
+        raise PosteriorError(
+            f"posterior {path} records no base identity (base.identity in {META_FILE}): "
+            "export it again with this Quaver"
+        )
+    if trained_on != expected_base:
+        raise PosteriorError(
+            f"posterior {path} was trained on base {base.get('path')!r} (identity "
+            f"{str(trained_on)[:12]}), but the loaded base has identity {expected_base[:12]}: "
+            "use the matching base model or posterior"
+        )
+
+
 def load_posterior(
     path: str | Path,
     *,
-    expected_config_hash: str | None = None,
+    expected_base: str | None = None,
     model: torch.nn.Module | None = None,
 ) -> Posterior:
     """Read and validate a posterior directory.
 
     Checks: files present, format version, every tensor present with fp32 dtype and the right
     shape (against `model`'s Linear layers when given), finite means, finite positive stds, and the
-    base model's config hash (when `expected_config_hash` is given).
+    identity of the base it was trained on (when `expected_base`, the loaded base's
+    `app.modeling.base_identity`, is given).
     """
     p = Path(path)
     if not p.is_dir():
@@ -169,13 +187,8 @@ def load_posterior(
         spec = LoRASpec.from_json(meta["lora"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PosteriorError(f"posterior {p}: bad 'lora' section in {META_FILE}: {exc}") from exc
-    base_hash = meta.get("base", {}).get("config_hash")
-    if expected_config_hash is not None and base_hash != expected_config_hash:
-        raise PosteriorError(
-            f"posterior {p} was trained on base model {meta.get('base', {}).get('path')!r} "
-            f"(config hash {str(base_hash)[:12]}), but the loaded base has config hash "
-            f"{expected_config_hash[:12]}: use the matching base model or posterior"
-        )
+    if expected_base is not None:
+        check_base(p, meta, expected_base)
     try:
         tensors = load_file(p / POSTERIOR_FILE)
     except Exception as exc:  # safetensors raises several types for corrupt files

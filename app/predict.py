@@ -21,7 +21,14 @@ import torch
 
 from app.audio import AudioFeatures
 from app.forward import PromptBatch, choice_log_probs, collate, prefix_hidden, suffix_letter_logits
-from app.lora import PosteriorSampler, SampleSet, active_samples, attach_posterior, concat_factors
+from app.lora import (
+    PosteriorSampler,
+    SampleSet,
+    active_samples,
+    attach_posterior,
+    concat_factors,
+    detach_posterior,
+)
 from app.modeling import LoadedModel
 from app.posterior import Posterior
 from app.prompt import PromptIds
@@ -102,11 +109,17 @@ class Predictor:
         from app.posterior import load_posterior
 
         loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
-        posterior = load_posterior(
-            posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
-        )
+        posterior = load_posterior(posterior_dir, expected_base=loaded.identity, model=loaded.model)
         apply_overlay(posterior_dir, loaded)
         return cls(loaded, posterior)
+
+    def detach(self) -> None:
+        """Give the model back as it was handed in: the posterior mean merged at construction is
+        subtracted again (app.lora.detach_posterior), so the base can take another posterior.
+        The predictor is unusable afterwards."""
+        if self.posterior is not None:
+            detach_posterior(self.loaded.model)
+            self.posterior, self.sampler = None, None
 
     @property
     def max_seconds(self) -> float:

@@ -401,7 +401,7 @@ def build_tiny(
     spec = LoRASpec(rank, 2.0 * rank, tuple(modules), tuple(layers), DECODER_LINEARS)
     meta = {
         "name": "tiny-random",
-        "base": {"path": str(model_dir), "config_hash": loaded.config_hash},
+        "base": {"path": str(model_dir), "identity": loaded.identity},
         "optimizer": "ivon",
         "calibration": TINY_CALIBRATION,
     }

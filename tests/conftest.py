@@ -65,7 +65,7 @@ def random_posterior(
             sd[key] = torch.rand(shape, generator=gen) * std + 1e-4
     meta = {
         "name": "test-posterior",
-        "base": {"path": "tiny", "config_hash": base_hash},
+        "base": {"path": "tiny", "identity": base_hash},
         "optimizer": "ivon",
     }
     if calibration is not None:
@@ -103,7 +103,7 @@ def posterior_dir(tiny_dir, tmp_path_factory):
     from app.modeling import load_checkpoint
 
     loaded = load_checkpoint(tiny_dir)
-    post = random_posterior(loaded.model, calibration=CALIBRATION, base_hash=loaded.config_hash)
+    post = random_posterior(loaded.model, calibration=CALIBRATION, base_hash=loaded.identity)
     return save_posterior(tmp_path_factory.mktemp("post") / "posterior", post)
 
 

@@ -45,7 +45,7 @@ def pipeline(toy_bench, toy_base, tmp_path_factory):
 def test_export_round_trip(pipeline):
     _, base, post_dir, run = pipeline
     loaded = load_checkpoint(base)
-    post = load_posterior(post_dir, expected_config_hash=loaded.config_hash, model=loaded.model)
+    post = load_posterior(post_dir, expected_base=loaded.identity, model=loaded.model)
     assert post.spec.layers == (2, 3) and len(post.spec.modules) == 14
     assert post.meta["optimizer"] == "ivon" and post.meta["data"]["fingerprint"]
     stds = [s for k, s in post.std.items()]
@@ -165,8 +165,8 @@ def test_every_stage_refuses_a_finished_output_made_with_other_settings(
     toy_bench, toy_base, pipeline, tmp_path, capsys
 ):
     import yaml
-    from conftest import toy_pretrain_config
 
+    from tests.conftest import toy_pretrain_config
     from training.cli import main
     from training.config import ConfigError, to_dict
 
@@ -188,8 +188,7 @@ def test_every_stage_refuses_a_finished_output_made_with_other_settings(
 
 
 def test_more_epochs_continue_a_finished_run(toy_bench, toy_base, tmp_path):
-    from conftest import toy_pretrain_config
-
+    from tests.conftest import toy_pretrain_config
     from training.stages.loop import read_log
     from training.stages.pretrain import run_dir
 

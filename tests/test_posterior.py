@@ -18,9 +18,7 @@ from tests.conftest import tone
 
 def test_round_trip(tiny_dir, posterior_dir):
     loaded = load_checkpoint(tiny_dir)
-    post = load_posterior(
-        posterior_dir, expected_config_hash=loaded.config_hash, model=loaded.model
-    )
+    post = load_posterior(posterior_dir, expected_base=loaded.identity, model=loaded.model)
     raw = load_file(posterior_dir / POSTERIOR_FILE)
     for key, t in post.mean.items():
         assert torch.equal(t, raw[f"{key}.mean"])
@@ -55,13 +53,13 @@ def test_bad_posterior_is_refused(tiny_dir, posterior_dir, tmp_path, name, mutat
     loaded = load_checkpoint(tiny_dir)
     bad = _corrupt(posterior_dir, tmp_path / name, mutate)
     with pytest.raises(PosteriorError, match=message):
-        load_posterior(bad, expected_config_hash=loaded.config_hash, model=loaded.model)
+        load_posterior(bad, expected_base=loaded.identity, model=loaded.model)
 
 
 def test_other_base_and_missing_meta_are_refused(tiny_dir, posterior_dir, tmp_path):
     loaded = load_checkpoint(tiny_dir)
-    with pytest.raises(PosteriorError, match="config hash"):
-        load_posterior(posterior_dir, expected_config_hash="0" * 64, model=loaded.model)
+    with pytest.raises(PosteriorError, match="loaded base has identity 000000000000"):
+        load_posterior(posterior_dir, expected_base="0" * 64, model=loaded.model)
     d = tmp_path / "nometa"
     shutil.copytree(posterior_dir, d)
     (d / "quaver.json").unlink()
@@ -76,6 +74,79 @@ def test_other_base_and_missing_meta_are_refused(tiny_dir, posterior_dir, tmp_pa
         load_posterior(d2)
     with pytest.raises(PosteriorError, match="does not exist"):
         load_posterior(tmp_path / "nowhere")
+
+
+def test_posterior_is_refused_on_a_base_with_other_weights_of_the_same_shape(
+    tiny_dir, posterior_dir, tmp_path
+):
+    from tests.conftest import make_tiny_checkpoint
+
+    other = make_tiny_checkpoint(tmp_path / "other", seed=1)  # same config and tokenizer
+    mine, theirs = load_checkpoint(tiny_dir), load_checkpoint(other)
+    assert mine.config_hash == theirs.config_hash and mine.identity != theirs.identity
+    with pytest.raises(PosteriorError) as err:
+        Predictor.from_dirs(other, posterior_dir)
+    message = str(err.value)
+    assert f"identity {mine.identity[:12]}" in message  # the base it was trained on
+    assert f"loaded base has identity {theirs.identity[:12]}" in message
+    # a posterior that records no identity cannot be checked, so it is refused too
+    d = tmp_path / "no-identity"
+    shutil.copytree(posterior_dir, d)
+    meta = json.loads((d / "quaver.json").read_text())
+    del meta["base"]["identity"]
+    (d / "quaver.json").write_text(json.dumps(meta))
+    with pytest.raises(PosteriorError, match="records no base identity"):
+        Predictor.from_dirs(tiny_dir, d)
+
+
+def test_base_identity_is_stored_beside_and_covers_the_tokenizer(tiny_dir, tmp_path):
+    from app.modeling import IDENTITY_FILE, base_identity
+
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy_dir)
+    first = base_identity(copy_dir)
+    assert first == load_checkpoint(tiny_dir).identity  # the content, not the path
+    stored = json.loads((copy_dir / IDENTITY_FILE).read_text())
+    assert stored["identity"] == first
+    # read back, not recomputed, while the files keep their stamps
+    (copy_dir / IDENTITY_FILE).write_text(json.dumps({**stored, "identity": "cached"}))
+    assert base_identity(copy_dir) == "cached"
+    # a tokenizer edited in place (same shape of everything else) is another base
+    tok = copy_dir / "tokenizer.json"
+    data = json.loads(tok.read_text())
+    data["model"]["vocab"] = {
+        k + "x" if v == 50 else k: v for k, v in data["model"]["vocab"].items()
+    }
+    tok.write_text(json.dumps(data))
+    assert base_identity(copy_dir) not in ("cached", first)
+
+
+def test_detach_gives_the_base_back_for_a_second_posterior(tiny_dir, posterior_dir, tmp_path):
+    from app.modeling import load_checkpoint as load
+    from app.posterior import save_posterior
+    from tests.conftest import random_posterior
+
+    loaded = load(tiny_dir)
+    before = {k: t.clone() for k, t in loaded.model.state_dict().items()}
+    first = Predictor(loaded, load_posterior(posterior_dir, model=loaded.model))
+    target = first.posterior.spec.modules[0]
+    merged = dict(loaded.model.named_modules())[target].weight
+    assert not torch.equal(merged, before[f"{target}.weight"])  # the mean is merged in
+    first.detach()
+    after = loaded.model.state_dict()
+    assert set(after) == set(before)
+    for k, t in before.items():
+        torch.testing.assert_close(after[k], t, atol=1e-6, rtol=1e-6)
+    second_dir = save_posterior(
+        tmp_path / "second",
+        random_posterior(loaded.model, layers=(1, 3), seed=9, base_hash=loaded.identity),
+    )
+    second = Predictor(loaded, load_posterior(second_dir, model=loaded.model))
+    fresh = Predictor.from_dirs(tiny_dir, second_dir)
+    prep = _prepared(second)
+    [a] = second.predict([Request(prep, samples=4, seed=3)])
+    [b] = fresh.predict([Request(prep, samples=4, seed=3)])
+    np.testing.assert_allclose(a.sample_probs, b.sample_probs, atol=1e-5)
 
 
 def _prepared(predictor, seconds=2.0, freq=440.0, k=3):
@@ -162,7 +233,6 @@ def test_sampled_rows_equal_explicit_weight_perturbation(tiny_dir, posterior_dir
     [pred] = predictor.predict([Request(prep, samples=3, seed=7)])
     factors = predictor.sampler.draw(3, torch.Generator().manual_seed(7))
     r = post.spec.rank
-    modules = dict(plain.named_modules())
     batch = collate([prep.prompt], [prep.audio], loaded.tokenizer.pad_token_id)
     for k in range(3):
         model_k = copy.deepcopy(plain)
@@ -177,7 +247,8 @@ def test_sampled_rows_equal_explicit_weight_perturbation(tiny_dir, posterior_dir
         torch.testing.assert_close(
             torch.from_numpy(pred.sample_probs[k]), ref, atol=1e-5, rtol=1e-4
         )
-    assert modules  # the plain copy stayed untouched by the predictor
+    fresh = load_checkpoint(tiny_dir).model.state_dict()  # the copy is the un-merged base
+    assert all(torch.equal(t, fresh[k]) for k, t in plain.state_dict().items())
     assert not torch.equal(
         torch.from_numpy(pred.sample_probs[0]), torch.from_numpy(pred.sample_probs[1])
     )

@@ -52,7 +52,7 @@ from transformers import (
 )
 
 from app.family import AUDIO_SPECIAL_TOKENS, AUDIO_TOKEN, QWEN2_AUDIO, init_like_pytorch
-from app.modeling import config_hash, save_checkpoint
+from app.modeling import IDENTITY_FILE, config_hash, save_checkpoint
 from app.overlay import file_sha256
 from training.base.ct2 import CT2FormatError, CT2Model, read_ct2
 
@@ -464,7 +464,11 @@ def build_base(out_dir: Path, *, force: bool = False, progress: bool = True) -> 
     try:
         with steps.step(f"saving to {out_dir}"):
             save_checkpoint(model, tokenizer, tmp)
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {
+                p.name: p.stat().st_size
+                for p in sorted(tmp.iterdir())
+                if p.is_file() and p.name != IDENTITY_FILE  # rewritten when files are touched
+            }
             meta = {
                 "format_version": 1,
                 "recipe_hash": recipe_hash(),

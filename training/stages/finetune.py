@@ -59,7 +59,7 @@ def warm_start(named, loaded: LoadedModel, spec: LoRASpec, init_from: Path) -> N
     The earlier run must sit on the same base (config hash) with the same LoRA placement; the
     tensors are checked by `load_posterior` against the model's layers.
     """
-    prior = load_posterior(init_from, expected_config_hash=loaded.config_hash, model=loaded.model)
+    prior = load_posterior(init_from, expected_base=loaded.identity, model=loaded.model)
     if (prior.spec.rank, prior.spec.alpha, prior.spec.modules) != (
         spec.rank,
         spec.alpha,
@@ -313,7 +313,11 @@ def export(
     dataset_meta = json.loads((cfg.data_dir / "dataset.json").read_text())
     meta = {
         "name": cfg.out_dir.name,
-        "base": {"path": str(cfg.base_dir), "config_hash": loaded.config_hash},
+        "base": {
+            "path": str(cfg.base_dir),
+            "identity": loaded.identity,
+            "config_hash": loaded.config_hash,
+        },
         "optimizer": cfg.optimizer,
         "hyperparameters": to_dict(cfg),
         "data": {

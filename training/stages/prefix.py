@@ -16,18 +16,9 @@ import torch
 from tqdm import tqdm
 
 from app.forward import prefix_hidden
+from app.modeling import base_identity
 from app.prompt import PROMPT_VERSION
 from training.stages.batches import Example, make_batch, pad_rows
-
-
-def weights_stamp(model_dir: Path) -> bytes:
-    """Cheap identity of a checkpoint's weights (names, sizes, mtimes of its .safetensors), for
-    caches of activations that depend on them; rewriting the weights changes it."""
-    parts = []
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        st = f.stat()
-        parts.append(f"{f.name}|{st.st_size}|{st.st_mtime_ns}")
-    return ";".join(parts).encode()
 
 
 def prefix_cache_key(
@@ -42,12 +33,13 @@ def prefix_cache_key(
 
     One key for fine-tuning (CachedPrefix) and prediction (training.eval.predictions.PrefixCache),
     so a split cached by either is reused by the other. It covers everything the states depend
-    on: the base's weight files, a base overlay applied at load (its sha256), the benchmark, the
-    split and its limit, the first LoRA layer, the prompt format (app.prompt.PROMPT_VERSION).
+    on: the base's content (app.modeling.base_identity: weights, tokenizer, config), a base
+    overlay applied at load (its sha256), the benchmark, the split and its limit, the first LoRA
+    layer, the prompt format (app.prompt.PROMPT_VERSION).
     """
-    h = hashlib.sha256(weights_stamp(base_dir))
+    h = hashlib.sha256(base_identity(base_dir).encode())
     h.update((Path(data_dir) / "dataset.json").read_bytes())
-    h.update(f"{Path(base_dir).resolve()}|{split}|{limit}|{first_layer}".encode())
+    h.update(f"|{split}|{limit}|{first_layer}".encode())
     h.update(f"|prompt v{PROMPT_VERSION}".encode())
     if overlay_sha is not None:
         h.update(f"|overlay {overlay_sha}".encode())
@@ -58,7 +50,7 @@ class CachedPrefix:
     """Hidden states entering the first LoRA layer, per example (computed once, frozen base).
 
     With `store`, they are kept on disk under a key of everything they depend on (the base's
-    weight files, the data, the split and its limit, the first LoRA layer), so later runs on the
+    content, the data, the split and its limit, the first LoRA layer), so later runs on the
     same base (other seeds, optimizers, hyperparameters) load them instead of recomputing.
     """
 
