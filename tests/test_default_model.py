@@ -161,7 +161,7 @@ def test_report_tables_every_family_and_predictor(tmp_path):
         }
 
     summary = {
-        "times_s": {"align_s": 100.0, "total_s": 200.0},
+        "times_s": {"adapt_s": 100.0, "total_s": 200.0},
         "results": {
             "ivon": {s: {"mean": res(0.8), "bma_k8": res(0.7)} for s in ("test", "test_shift")},
             "adamw": {s: {"mean": res(0.6)} for s in ("test", "test_shift")},
@@ -188,7 +188,7 @@ def test_report_tables_every_family_and_predictor(tmp_path):
     assert "| loudness | 20.0 | 30.0 | 40.0 |" in text
     assert "## Accuracy per family on `test_shift`" in text
     assert "| count | 50.0 | 25.0 | 20 |" in text
-    assert "| align | 100 |" in text
+    assert "| adapt | 100 |" in text
 
 
 def test_ship_on_the_tiny_model_records_reproducible_answers(tiny_dir, posterior_dir, tmp_path):
@@ -289,13 +289,13 @@ def test_step_times_survive_a_resumed_invocation(monkeypatch):
     # A step finished by an earlier invocation keeps the time it took then, not ~0 s.
     import time
 
-    import training.recipes.default as dm
+    import training.recipes.flow as dm
 
     monkeypatch.setattr(dm, "CACHED_S", 0.05)
-    times = {"align_s": 2736.0}
-    assert dm._timed(times, "align_s", lambda: "cached") == "cached"
-    assert times["align_s"] == 2736.0
-    dm._timed(times, "align_s", time.sleep, 0.1)  # it ran again: the new time counts
-    assert 0.05 <= times["align_s"] < 2736.0
-    dm._timed(times, "ship_s", lambda: None)  # never recorded before: its time, however short
+    times = {"adapt_s": 2736.0}
+    assert dm.timed(times, "adapt_s", lambda: "cached") == "cached"
+    assert times["adapt_s"] == 2736.0
+    dm.timed(times, "adapt_s", time.sleep, 0.1)  # it ran again: the new time counts
+    assert 0.05 <= times["adapt_s"] < 2736.0
+    dm.timed(times, "ship_s", lambda: None)  # never recorded before: its time, however short
     assert times["ship_s"] < 0.05

@@ -12,15 +12,9 @@ import yaml
 
 from training.eval.metrics import summarize
 from training.eval.predictions import predict_split
-from training.recipes.report import (
-    COVERAGES,
-    RISKS,
-    ReportConfig,
-    aggregate,
-    apply_temperature,
-    fit_temperature,
-    predictor_names,
-)
+from training.eval.temperature import apply_temperature, fit_temperature
+from training.recipes.report import ReportConfig
+from training.recipes.report_scores import COVERAGES, RISKS, aggregate, predictor_names
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -162,7 +156,10 @@ def test_report_files_cover_every_predictor_and_split(report):
         assert set(res["aggregate"][split]) == set(names)
         for name in names:
             acc = res["aggregate"][split][name]["accuracy"]
-            assert acc["n"] == 2 and 0 <= acc["mean"] <= 1 and acc["std"] is not None
+            per = [res["per_seed"][s][split]["metrics"][name]["overall"]["accuracy"] for s in "01"]
+            assert acc["n"] == 2 and acc["values"] == per
+            assert acc["mean"] == pytest.approx(np.mean(per))
+            assert acc["std"] == pytest.approx(np.std(per, ddof=1))
             assert len(res["per_seed"]["1"][split]["metrics"][name]["by_family"]) >= 1
         assert f"### {split}" in md
     for name in names:
@@ -186,8 +183,11 @@ def test_report_files_cover_every_predictor_and_split(report):
     # thresholds: one row per target, realised numbers consistent with the rule
     rows = res["thresholds"]["summary"]["IVON BMA K=8 | maxprob"]
     assert [r["max_risk"] for r in rows] == [0.01, 0.02, 0.05, 0.1, 0.2]
-    for r in rows:
-        assert 0 <= r["held_test"] <= 2 and r["seeds"] == 2
+    per_seed = [res["thresholds"]["per_seed"][s]["IVON BMA K=8 | maxprob"] for s in "01"]
+    for i, r in enumerate(rows):
+        realised = [p["test"][i] for p in per_seed]
+        held = sum(x["risk"] is None or x["risk"] <= r["max_risk"] for x in realised)
+        assert r["held_test"] == held and r["seeds"] == 2
         cov, abst = r["coverage_test"]["mean"], r["abstain_test"]["mean"]
         assert cov + abst == pytest.approx(1.0)
     for png in res["plots"]:

@@ -33,6 +33,20 @@ def predictor_probs(preds: SplitPredictions, samples: int) -> np.ndarray:
     return preds.mean_probs if samples <= 1 else preds.bma(samples)
 
 
+def _predict(base_dir, posterior_dir, data_dir, split, samples, seed, progress, prefix_cache):
+    """The cached per-item predictions both commands start from (K = max(samples, 1))."""
+    return predict_split(
+        Path(base_dir),
+        Path(posterior_dir),
+        Path(data_dir),
+        split,
+        samples=max(samples, 1),
+        seed=seed,
+        progress=progress,
+        prefix_cache=prefix_cache,
+    )
+
+
 def evaluate_posterior(
     base_dir: Path,
     posterior_dir: Path,
@@ -45,15 +59,8 @@ def evaluate_posterior(
     prefix_cache: Path | None = None,
 ) -> dict:
     """Metrics of the posterior mean and of K-sample BMA on `split` (+ plots when out_dir)."""
-    preds = predict_split(
-        Path(base_dir),
-        Path(posterior_dir),
-        Path(data_dir),
-        split,
-        samples=max(samples, 1),
-        seed=seed,
-        progress=progress,
-        prefix_cache=prefix_cache,
+    preds = _predict(
+        base_dir, posterior_dir, data_dir, split, samples, seed, progress, prefix_cache
     )
     results = {
         "split": split,
@@ -107,15 +114,8 @@ def calibrate_posterior(
     """Guaranteed-risk thresholds on `split`, written into the posterior's quaver.json."""
     if split == "test":
         raise ValueError("calibrate on a held-out calibration split, never on test")
-    preds = predict_split(
-        Path(base_dir),
-        Path(posterior_dir),
-        Path(data_dir),
-        split,
-        samples=max(samples, 1),
-        seed=seed,
-        progress=progress,
-        prefix_cache=prefix_cache,
+    preds = _predict(
+        base_dir, posterior_dir, data_dir, split, samples, seed, progress, prefix_cache
     )
     probs = predictor_probs(preds, samples)
     conf = confidence(probs)

@@ -29,8 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
+from training.recipes.flow import (
+    OPTIMIZERS,
+    calibrate_and_evaluate,
+    finetune_pair,
+    load_pair,
+    md_table,
+    samples_for,
+    timed,
+)
+
 GOLDEN_FILE = "golden.json"
-CACHED_S = 2.0  # a step that returns faster than this was done by an earlier invocation
 PROJECTOR_PREFIX = ("model.multi_modal_projector.",)
 # Question wordings that none of the benchmark's templates use, per family: the prompt format is
 # fixed, but users phrase questions their own way. The choices stay the item's own.
@@ -77,24 +86,6 @@ class DefaultRecipe:
     @property
     def data_dir(self) -> Path:
         return self.work / "data" / "bench"
-
-
-def _timed(times: dict, key: str, fn, *args, **kwargs):
-    """Run one step and record its wall time in `times[key]`.
-
-    A step finished by an earlier invocation returns at once; it keeps the time recorded when it
-    ran (`times` starts from the previous work/default/default.json), so the shipped recipe
-    states what each step cost rather than 0 s.
-    """
-    t = time.time()
-    out = fn(*args, **kwargs)
-    took = round(time.time() - t, 1)
-    if took < CACHED_S and key in times:
-        print(f"[default] {key}: cached (took {times[key]:.0f} s when it ran)", flush=True)
-    else:
-        times[key] = took
-        print(f"[default] {key}: {took:.0f} s", flush=True)
-    return out
 
 
 def reworded_accuracy(
@@ -192,9 +183,7 @@ def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path
         "keeps the time it took then); `total` is their sum, `this_invocation` the wall time of",
         "the invocation that wrote this file.",
         "",
-        "| step | s |",
-        "|---|---|",
-        *[f"| {k.removesuffix('_s')} | {v:.0f} |" for k, v in times.items()],
+        *md_table(["step", "s"], [[k.removesuffix("_s"), f"{v:.0f}"] for k, v in times.items()]),
         "",
     ]
     for split in ("test", "test_shift"):
@@ -202,15 +191,10 @@ def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path
             (name, key) for name in ("ivon", "adamw") for key in res.get(name, {}).get(split, {})
         ]
         fams = sorted({f for n, k in cols for f in res[n][split][k]["by_family_accuracy"]})
-        lines += [
-            f"## Accuracy per family on `{split}`",
-            "",
-            "| family | " + " | ".join(f"{n} {k}" for n, k in cols) + " |",
-            "|---|" + "---|" * len(cols),
+        rows = [
+            [fam, *(_pct(res[n][split][k]["by_family_accuracy"].get(fam)) for n, k in cols)]
+            for fam in fams
         ]
-        for fam in fams:
-            vals = [res[n][split][k]["by_family_accuracy"].get(fam) for n, k in cols]
-            lines.append(f"| {fam} | " + " | ".join(_pct(v) for v in vals) + " |")
         for metric in ("accuracy", "ece", "nll", "brier", "aurc", "coverage_at_risk_0.05"):
             vals = [res[n][split][k]["overall"].get(metric) for n, k in cols]
             fmt = (
@@ -218,7 +202,9 @@ def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path
                 if metric in ("accuracy", "ece", "aurc", "coverage_at_risk_0.05")
                 else (lambda v: "-" if v is None else f"{float(v):.3f}")
             )
-            lines.append(f"| **{metric}** | " + " | ".join(fmt(v) for v in vals) + " |")
+            rows.append([f"**{metric}**", *(fmt(v) for v in vals)])
+        lines += [f"## Accuracy per family on `{split}`", ""]
+        lines += md_table(["family", *(f"{n} {k}" for n, k in cols)], rows)
         lines.append("")
     rw = summary["reworded_test_accuracy_ivon_mean"]
     lines += [
@@ -227,12 +213,13 @@ def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path
         "Each family's question replaced by one wording none of the benchmark's templates use",
         "(`REWORDINGS` in training/recipes/default.py); the choices stay the item's own.",
         "",
-        "| family | accuracy | chance | n |",
-        "|---|---|---|---|",
-        *[
-            f"| {fam} | {_pct(v['accuracy'])} | {_pct(v.get('chance'))} | {v['n']} |"
-            for fam, v in rw.items()
-        ],
+        *md_table(
+            ["family", "accuracy", "chance", "n"],
+            [
+                [fam, _pct(v["accuracy"]), _pct(v.get("chance")), str(v["n"])]
+                for fam, v in rw.items()
+            ],
+        ),
         "",
     ]
     if reports is not None:
@@ -250,25 +237,35 @@ def ship(recipe: DefaultRecipe, trained_base: Path, posterior: Path, summary: di
     trained on) as an overlay + golden answers into recipe.ship_dir."""
     from app.modeling import load_checkpoint
     from app.overlay import write_overlay
+    from training.stages.loop import save_atomic
 
-    dest = Path(recipe.ship_dir)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(posterior, tmp, ignore=shutil.ignore_patterns("predictions"))  # no caches
-    write_overlay(tmp, load_checkpoint(trained_base).model, PROJECTOR_PREFIX, recipe.base_dir)
-    golden = record_golden(recipe.base_dir, tmp, recipe.data_dir, recipe.golden_items, recipe.seed)
-    (tmp / GOLDEN_FILE).write_text(json.dumps(golden, indent=2) + "\n")
-    meta = json.loads((tmp / "quaver.json").read_text())
-    meta["name"] = "quaver-default"
-    meta["recipe"] = {"command": "quaver default", **summary}
-    (tmp / "quaver.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+    def write(tmp: Path) -> None:
+        shutil.copytree(posterior, tmp, ignore=shutil.ignore_patterns("predictions"))  # no caches
+        write_overlay(tmp, load_checkpoint(trained_base).model, PROJECTOR_PREFIX, recipe.base_dir)
+        golden = record_golden(
+            recipe.base_dir, tmp, recipe.data_dir, recipe.golden_items, recipe.seed
+        )
+        (tmp / GOLDEN_FILE).write_text(json.dumps(golden, indent=2) + "\n")
+        meta = json.loads((tmp / "quaver.json").read_text())
+        meta["name"] = "quaver-default"
+        meta["recipe"] = {"command": "quaver default", **summary}
+        (tmp / "quaver.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
+
+    return save_atomic(Path(recipe.ship_dir), write)
+
+
+def _headline(res: dict) -> dict:
+    """Overall metrics and per-family accuracy of each predictor of one evaluation."""
+    return {
+        key: {
+            "overall": val["overall"],
+            "by_family_accuracy": {
+                fam: m["accuracy"] for fam, m in val.get("by_family", {}).items()
+            },
+        }
+        for key, val in res.items()
+        if isinstance(val, dict)
+    }
 
 
 def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
@@ -276,7 +273,6 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     from training.base.build import build_base
     from training.config import FinetuneConfig, load_config
     from training.data.generate import BenchmarkConfig, generate_benchmark
-    from training.eval.evaluate import calibrate_posterior, evaluate_posterior
     from training.eval.predictions import is_cached
     from training.stages.finetune import finetune
 
@@ -288,70 +284,49 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     )
     t0 = time.time()
     bench = BenchmarkConfig(seed=recipe.seed, workers=recipe.workers, **recipe.sizes)
-    _timed(times, "data_s", generate_benchmark, bench, recipe.data_dir, progress)
-    _timed(times, "build_base_s", build_base, recipe.base_dir, progress=progress)
-    dirs = {"data_dir": str(recipe.data_dir)}
-    base = recipe.base_dir
+    timed(times, "data_s", generate_benchmark, bench, recipe.data_dir, progress)
+    base = timed(times, "build_base_s", build_base, recipe.base_dir, progress=progress)
+    dirs = {"data_dir": str(recipe.data_dir), "base_dir": str(base)}
     adapt_cfg = load_config(
         recipe.configs / "default-adapt.yaml",
         FinetuneConfig,
-        {**dirs, "base_dir": str(base), "out_dir": str(work / "runs" / "adapt")},
+        {**dirs, "out_dir": str(work / "runs" / "adapt")},
     )
-    adapted = _timed(times, "adapt_s", finetune, adapt_cfg, progress)
-    posts = {}
-    for name in ("ivon", "adamw"):
-        cfg = load_config(
-            recipe.configs / f"default-{name}.yaml",
-            FinetuneConfig,
-            {
-                **dirs,
-                "base_dir": str(base),
-                "out_dir": str(work / "runs" / name),
-                "init_from": str(adapted),
-            },
-        )
-        posts[name] = _timed(times, f"{name}_s", finetune, cfg, progress)
-    results: dict[str, dict] = {}
-    pc = work / "prefix-cache"  # shared by every posterior with LoRA in the same layers
+    adapted = timed(times, "adapt_s", finetune, adapt_cfg, progress)
+    cfgs = load_pair(
+        {name: recipe.configs / f"default-{name}.yaml" for name in OPTIMIZERS},
+        {
+            name: {**dirs, "out_dir": str(work / "runs" / name), "init_from": str(adapted)}
+            for name in OPTIMIZERS
+        },
+    )
+    posts = finetune_pair(cfgs, times, progress)
+    splits = ("test", "test_shift")
     t = time.time()
-    # AdamW's posterior has std 0: its K samples would all be the mean, so K=1.
-    ks = {name: recipe.samples if name == "ivon" else 1 for name in posts}
     # Predictions made earlier (by a previous invocation or by `quaver report`) are read back in
     # seconds: the step's time is then the one recorded when it really ran.
     cached = all(
-        is_cached(post, recipe.data_dir, split, ks[name])
+        is_cached(post, recipe.data_dir, split, samples_for(name, recipe.samples))
         for name, post in posts.items()
-        for split in ("calib", "test", "test_shift")
+        for split in ("calib", *splits)
     )
-    for name, post in posts.items():
-        k = ks[name]
-        calibrate_posterior(
-            base, post, recipe.data_dir, "calib", samples=k, progress=progress, prefix_cache=pc
-        )
-        for split in ("test", "test_shift"):
-            res = evaluate_posterior(
-                base,
-                post,
-                recipe.data_dir,
-                split,
-                samples=k,
-                out_dir=work / "reports" / f"{name}-{split}",
-                progress=progress,
-                prefix_cache=pc,
-            )
-            results.setdefault(name, {})[split] = {
-                key: {
-                    "overall": val["overall"],
-                    "by_family_accuracy": {
-                        fam: m["accuracy"] for fam, m in val.get("by_family", {}).items()
-                    },
-                }
-                for key, val in res.items()
-                if isinstance(val, dict)
-            }
+    evals = calibrate_and_evaluate(
+        base,
+        posts,
+        recipe.data_dir,
+        recipe.samples,
+        splits,
+        work / "reports",
+        work / "prefix-cache",  # shared by every posterior with LoRA in the same layers
+        progress,
+    )
+    results = {
+        name: {split: _headline(res) for split, res in by_split.items()}
+        for name, by_split in evals.items()
+    }
     if not cached or "evaluate_s" not in times:
         times["evaluate_s"] = round(time.time() - t, 1)
-    reworded = _timed(
+    reworded = timed(
         times,
         "reworded_s",
         reworded_accuracy,
@@ -378,6 +353,6 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         report = write_report(summary, recipe.report, work / "reports")
         print(f"[default] report: {report}", flush=True)
     if recipe.ship_dir is not None:
-        shipped = _timed(times, "ship_s", ship, recipe, base, posts["ivon"], summary)
+        shipped = timed(times, "ship_s", ship, recipe, base, posts["ivon"], summary)
         print(f"[default] shipped to {shipped}", flush=True)
     return summary

@@ -16,6 +16,8 @@ import platform
 import time
 from pathlib import Path
 
+from training.recipes.flow import OPTIMIZERS, md_table
+
 ABOVE_CHANCE_P = 0.01
 # The tiny recipe's benchmark (docs/tiny_model.md has the runs behind it): 6000 `pretrain` items
 # (the benchmark's default is 3000) in which `rhythm` has three times and `order` twice the items
@@ -41,22 +43,18 @@ def run_pipeline(
     fields ({"pretrain" | "ivon" | "adamw": {field: value}}): the tests run the pipeline at toy
     sizes through the same code.
     """
-    from training.config import FinetuneConfig, PretrainConfig, load_config
+    from training.config import PretrainConfig, load_config
     from training.data.generate import BenchmarkConfig, generate_benchmark
-    from training.eval.evaluate import calibrate_posterior, evaluate_posterior
-    from training.stages.finetune import finetune
+    from training.recipes.flow import calibrate_and_evaluate, finetune_pair, load_pair, timed
     from training.stages.pretrain import pretrain
 
     work, configs = Path(work), Path(configs)
     data_dir = work / "data" / "bench"
     times: dict[str, float] = {}
-    t = time.time()
     overrides = overrides or {}
     sizes = {**TINY_SPLIT_SIZES, **(split_sizes or {})}
     bench = BenchmarkConfig(seed=seed, pretrain_weights=TINY_PRETRAIN_WEIGHTS, **sizes)
-    generate_benchmark(bench, data_dir)
-    times["data_s"] = time.time() - t
-    t = time.time()
+    timed(times, "data_s", generate_benchmark, bench, data_dir)
     pre = load_config(
         configs / "tiny-pretrain.yaml",
         PretrainConfig,
@@ -66,36 +64,27 @@ def run_pipeline(
             "out_dir": str(work / "artifacts" / "tiny-base"),
         },
     )
-    base = pretrain(pre)
-    times["pretrain_s"] = time.time() - t
-    posts = {}
-    for name in ("ivon", "adamw"):
-        t = time.time()
-        cfg = load_config(
-            configs / f"tiny-{name}.yaml",
-            FinetuneConfig,
-            {
+    base = timed(times, "pretrain_s", pretrain, pre)
+    dirs = {"data_dir": str(data_dir), "base_dir": str(base)}
+    cfgs = load_pair(
+        {name: configs / f"tiny-{name}.yaml" for name in OPTIMIZERS},
+        {
+            name: {
                 **overrides.get(name, {}),
-                "data_dir": str(data_dir),
-                "base_dir": str(base),
+                **dirs,
                 "out_dir": str(work / "runs" / f"tiny-{name}"),
-            },
-        )
-        posts[name] = finetune(cfg)
-        times[f"{name}_s"] = time.time() - t
+            }
+            for name in OPTIMIZERS
+        },
+    )
+    posts = finetune_pair(cfgs, times)
     t = time.time()
-    evals = {}
-    for name, post in posts.items():
-        calibrate_posterior(base, post, data_dir, "calib", samples=samples, progress=False)
-        evals[name] = evaluate_posterior(
-            base,
-            post,
-            data_dir,
-            "test",
-            samples=samples,
-            out_dir=work / "reports" / f"tiny-{name}",
-            progress=False,
-        )
+    evals = {
+        name: by_split["test"]
+        for name, by_split in calibrate_and_evaluate(
+            base, posts, data_dir, samples, ("test",), work / "reports", progress=False
+        ).items()
+    }
     times["evaluate_s"] = time.time() - t
     times["total_s"] = sum(times.values())
     predictors = {
@@ -131,12 +120,10 @@ def _cpus() -> int:
 
 def _stage1_curve(base: Path) -> list[dict]:
     """Stage 1's per-epoch log records (step, calib accuracy overall and per family)."""
-    from training.stages.loop import LOG_FILE
+    from training.stages.loop import read_log
+    from training.stages.pretrain import run_dir
 
-    log = base.with_name(base.name + ".run") / LOG_FILE
-    if not log.exists():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return read_log(run_dir(base))
 
 
 def families_above_chance(summary: dict, predictor: str) -> tuple[list[str], list[str]]:
@@ -177,30 +164,28 @@ def write_pipeline_report(summary: dict, path: Path) -> Path:
         "",
         f"`quaver pipeline` from an empty work directory on {summary['machine']}:",
         "",
-        "| step | seconds |",
-        "|---|---|",
-        *(f"| {k.removesuffix('_s')} | {v:.0f} |" for k, v in t.items()),
+        *md_table(["step", "seconds"], [[k.removesuffix("_s"), f"{v:.0f}"] for k, v in t.items()]),
         "",
         "Test split, overall:",
         "",
-        "| predictor | accuracy | chance | ECE | NLL |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {n} | {m['accuracy']:.3f} | {m['chance']:.3f} | {m['ece']:.3f} | {m['nll']:.3f} |"
-            for n, m in summary["test"].items()
+        *md_table(
+            ["predictor", "accuracy", "chance", "ECE", "NLL"],
+            [
+                [n, *(f"{m[k]:.3f}" for k in ("accuracy", "chance", "ece", "nll"))]
+                for n, m in summary["test"].items()
+            ],
         ),
         "",
         "Test accuracy per family (n items; p: one-sided p-value of the accuracy against guessing):",
         "",
-        "| family | n | chance | " + " | ".join(names) + " | p (" + names[0] + ") |",
-        "|---|---|---|" + "---|" * len(names) + "---|",
     ]
+    rows = []
     for f in fams:
         first = summary["by_family"][names[0]][f]
-        accs = " | ".join(f"{summary['by_family'][n][f]['accuracy']:.2f}" for n in names)
-        lines.append(
-            f"| {f} | {first['n']} | {first['chance']:.2f} | {accs} | {first['p_above_chance']:.2g} |"
-        )
+        accs = [f"{summary['by_family'][n][f]['accuracy']:.2f}" for n in names]
+        rows.append([f, str(first["n"]), f"{first['chance']:.2f}", *accs])
+        rows[-1].append(f"{first['p_above_chance']:.2g}")
+    lines += md_table(["family", "n", "chance", *names, f"p ({names[0]})"], rows)
     for name in names:
         above, below = families_above_chance(summary, name)
         lines.append("")
