@@ -1,6 +1,7 @@
-"""Stage 2: LoRA fine-tuning on `train` with IVON or AdamW through one loop; exports a posterior.
+"""The LoRA stages, IVON or AdamW on the shared loop (training.stages.loop); export a posterior.
 
-    quaver train --config configs/tiny-ivon.yaml     # or configs/tiny-adamw.yaml
+    quaver train --config configs/tiny-ivon.yaml      # stage: finetune (stage 2, on `train`)
+    quaver train --config configs/default-adapt.yaml  # stage: adapt (the default's stage 1b)
 
 The base model is frozen; PEFT LoRA adapters sit on the configured Linear layers of the top N
 decoder layers. Because nothing below the first LoRA layer trains, each clip's hidden states
@@ -8,7 +9,8 @@ entering that layer are computed once and cached: a step runs only the LoRA laye
 IVON draws one weight sample per MC sample per step inside `sampled_params` (the mean is restored
 even if the step raises) and learns a Gaussian posterior (mean m, std s) over the LoRA weights;
 AdamW learns a point estimate (exported with std 0). The run directory gets a resumable state,
-`log.jsonl` per epoch, and `posterior/` in the format of app.posterior.
+`log.jsonl` per epoch, and `posterior/` in the format of app.posterior (written atomically; its
+`hyperparameters` are the settings a later run is compared with).
 """
 
 from __future__ import annotations

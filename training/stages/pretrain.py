@@ -5,8 +5,10 @@
 Trains a byte-level BPE tokenizer on the benchmark's text, builds the random-init tiny model
 (app.family.tiny_config), trains it to pick the right option letter (cross-entropy over the
 offered letters at the answer position, the same scores the server uses), and saves a checkpoint
-directory that `app.modeling.load_checkpoint` reads. Resumable: a run stopped midway continues
-from its last checkpoint.
+directory that `app.modeling.load_checkpoint` reads, with the settings that made it
+(`quaver_stage.json`). Runs on the shared loop (training.stages.loop): a run stopped midway
+continues from its last checkpoint in `<out_dir>.run`, a finished one is reused only with the
+same settings, and more epochs continue it.
 
 The prompt letters the choices in a canonical (sorted) order (app.prompt), the order served, so
 the answer letter follows from the audio and question alone: the model does not also have to look
