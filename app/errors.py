@@ -29,6 +29,12 @@ class Unauthorized(QuaverError):
     status, type = 401, "unauthorized"
 
 
+class BodyTimeout(QuaverError):
+    """The request body stopped arriving (QUAVER_BODY_TIMEOUT_S without a byte)."""
+
+    status, type = 408, "body_timeout"
+
+
 class PayloadTooLarge(QuaverError):
     status, type = 413, "payload_too_large"
 

@@ -16,6 +16,7 @@ to finish or fail with 503, then the process exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -40,6 +41,7 @@ from app import audio as audio_mod
 from app.engine import Engine, Job
 from app.errors import (
     AudioTooLong,
+    BodyTimeout,
     InvalidInput,
     LimitExceeded,
     NotReady,
@@ -209,10 +211,16 @@ class BodyLimit:
     reset instead of the 413 (the kernel resets a socket closed with unread data). So before the
     413 is sent, the rest of the body is read and discarded, up to `drain` bytes; a body larger
     still gets the 413 written and the connection closed, and such a client may see the reset.
+
+    A body that stops arriving (a Content-Length larger than what is sent, a stalled upload) gets
+    a 408 once no byte came for `idle_s`, so a slow client cannot hold a request open forever.
     """
 
-    def __init__(self, app, limit: int, metrics: Metrics, drain: int = 0) -> None:
+    def __init__(
+        self, app, limit: int, metrics: Metrics, drain: int = 0, idle_s: float = 30.0
+    ) -> None:
         self.app, self.limit, self.metrics, self.drain = app, limit, metrics, drain
+        self.idle_s = idle_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -223,11 +231,15 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._discard(receive, 0)
             return await self._reject(scope, send, too_big)
-        seen, overflow, ended = 0, False, False
+        seen, overflow, ended, stalled = 0, False, False, False
 
         async def limited_receive():
-            nonlocal seen, overflow, ended
-            message = await receive()
+            nonlocal seen, overflow, ended, stalled
+            try:
+                message = await self._receive(receive)
+            except _BodyStalled:
+                stalled = True
+                raise
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 ended = not message.get("more_body", False)
@@ -237,12 +249,15 @@ class BodyLimit:
             return message
 
         async def guarded_send(message):
-            if not overflow:  # the app's own reply to a cut-off body is replaced by the 413
+            if not (overflow or stalled):  # the app's reply to a cut-off body is replaced below
                 await send(message)
 
-        with contextlib.suppress(_BodyTooLarge):
+        with contextlib.suppress(_BodyTooLarge, _BodyStalled):
             await self.app(scope, limited_receive, guarded_send)
-        if overflow:
+        if stalled:
+            err = BodyTimeout(f"no part of the request body arrived for {self.idle_s:g} s")
+            await self._reject(scope, send, err)
+        elif overflow:
             if not ended:
                 await self._discard(receive, seen)
             await self._reject(scope, send, too_big)
@@ -250,12 +265,21 @@ class BodyLimit:
     async def _discard(self, receive, seen: int) -> None:
         """Read the body to its end (or `drain` bytes in all) and throw it away."""
         while seen <= self.drain:
-            message = await receive()
+            try:
+                message = await self._receive(receive)
+            except _BodyStalled:
+                return
             if message["type"] != "http.request":
                 return
             seen += len(message.get("body", b""))
             if not message.get("more_body", False):
                 return
+
+    async def _receive(self, receive):
+        try:
+            return await asyncio.wait_for(receive(), self.idle_s)
+        except TimeoutError:
+            raise _BodyStalled from None
 
     async def _reject(self, scope, send, err: QuaverError):
         self.metrics.errors.labels(type=err.type).inc()
@@ -267,6 +291,10 @@ class BodyLimit:
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyStalled(Exception):
     pass
 
 
@@ -334,6 +362,7 @@ def create_app(
         limit=settings.max_upload_bytes,
         metrics=state.metrics,
         drain=settings.max_drain_bytes,
+        idle_s=settings.body_timeout_s,
     )
 
     @app.exception_handler(QuaverError)
@@ -404,6 +433,7 @@ def create_app(
 
     @app.post("/answer", response_model=AnswerResponse, dependencies=[Depends(check_api_key)])
     async def answer(
+        request: Request,
         engine: Annotated[Engine, Depends(require_engine)],
         audio: Annotated[UploadFile, File(description="audio file (WAV, FLAC, OGG, ...)")],
         question: Annotated[str, Form(description="the question about the audio")],
@@ -415,6 +445,10 @@ def create_app(
     ) -> AnswerResponse:
         t0 = time.perf_counter()
         s = state.settings
+        form = await request.form()  # parsed already for the parameters above: no second read
+        for name in ("audio", "question", "samples", "max_risk", "seed", "adaptive"):
+            if len(form.getlist(name)) > 1:
+                raise InvalidInput(f"give {name} once, got {len(form.getlist(name))}")
         k = s.default_samples if samples is None else samples
         if not 1 <= k <= s.max_samples:
             raise InvalidInput(f"samples must be between 1 and {s.max_samples}, got {k}")

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         description="an oversized body is read and discarded up to this many bytes before the 413 "
         "is sent, so that a client still sending can read it; past this the connection is closed",
     )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body with no byte for this long gets a 408"
+    )
     # -- bounds on one request's cost (app/limits.py; a violation is a 422 naming the bound) ----
     max_question_chars: int = Field(2000, ge=1, description="question length before tokenising")
     max_choice_chars: int = Field(500, ge=1, description="one choice's length before tokenising")

@@ -379,13 +379,19 @@ def _start_server(tmp_path, tiny_dir, posterior_dir, mode: str, **env):
     raise AssertionError("server not ready in 60 s")
 
 
-def _send_whole_then_read(url: str, body: bytes, chunked: bool) -> tuple[int, dict]:
+def _send_whole_then_read(
+    url: str, body: bytes, chunked: bool, declared: int | None = None
+) -> tuple[int, dict]:
     """A naive client: send the whole request, then read the reply (raw socket, no retries)."""
     host, port = url.removeprefix("http://").split(":")
     head = (
         "POST /answer HTTP/1.1\r\nHost: x\r\n"
         "Content-Type: multipart/form-data; boundary=zz\r\n"
-        + ("Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {len(body)}\r\n")
+        + (
+            "Transfer-Encoding: chunked\r\n"
+            if chunked
+            else f"Content-Length: {declared or len(body)}\r\n"
+        )
         + "\r\n"
     ).encode()
     if chunked:
@@ -404,9 +410,14 @@ def _send_whole_then_read(url: str, body: bytes, chunked: bool) -> tuple[int, di
     return status, json.loads(reply.split(b"\r\n\r\n", 1)[1])
 
 
-def test_oversized_body_gets_a_readable_413(tmp_path, tiny_dir, posterior_dir):
+def test_oversized_or_stalled_body_gets_a_readable_413_or_408(tmp_path, tiny_dir, posterior_dir):
     proc, url = _start_server(
-        tmp_path, tiny_dir, posterior_dir, "fast", QUAVER_MAX_UPLOAD_BYTES="100000"
+        tmp_path,
+        tiny_dir,
+        posterior_dir,
+        "fast",
+        QUAVER_MAX_UPLOAD_BYTES="100000",
+        QUAVER_BODY_TIMEOUT_S="1",
     )
     try:
         head = (
@@ -417,6 +428,9 @@ def test_oversized_body_gets_a_readable_413(tmp_path, tiny_dir, posterior_dir):
         for chunked in (False, True):  # declared Content-Length, and none (cut while streaming)
             status, err = _send_whole_then_read(url, body, chunked)
             assert status == 413 and err["error"]["type"] == "payload_too_large", err
+        # a Content-Length larger than what is sent: the body stalls, 408 after 1 s of silence
+        status, err = _send_whole_then_read(url, head + b"abc", False, declared=len(head) + 5000)
+        assert status == 408 and err["error"]["type"] == "body_timeout", err
         ok = httpx.post(
             url + "/answer",
             files={"audio": ("a.wav", wav_bytes(tone(1.0)), "audio/wav")},

@@ -108,6 +108,15 @@ def test_bad_inputs_get_clear_errors_and_server_stays_healthy(client, name, kw, 
     assert post(client).status_code == 200
 
 
+def test_a_field_given_twice_is_refused(client):
+    wav = wav_bytes(tone(1.0))
+    files = [("audio", ("a.wav", wav, "audio/wav")), ("audio", ("b.wav", wav, "audio/wav"))]
+    r = client.post("/answer", files=files, data={"question": QUESTION, "choices": CHOICES})
+    assert r.status_code == 422 and "audio once" in r.json()["error"]["message"]
+    r = post(client, data={"question": [QUESTION, "Which is louder?"]})
+    assert r.status_code == 422 and "question once" in r.json()["error"]["message"]
+
+
 def test_nan_samples_are_rejected(client):
     import io
 
