@@ -11,7 +11,7 @@ then tokens per part, then the whole prompt. Audio duration and K are bounded el
 (`app.audio`, the server's K check). A violation raises `LimitExceeded`, a 422 whose message
 names the bound, its setting and the value that broke it.
 
-Defaults (app/settings.py): the longest benchmark question is 16 tokens and its longest choice 6
+Defaults (app/settings.py): the longest benchmark question is 18 tokens and its longest choice 3
 (tests/test_limits.py measures it on every split), so 256 question tokens and 64 choice tokens
 leave a wide margin for real questions; the whole prompt may hold the longest audio block plus
 512 text tokens, never more than the model's context window.

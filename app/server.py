@@ -527,7 +527,7 @@ def _prepare(
     # text first: its bounds are cheaper to check than decoding the audio
     limits.check_tokens(predictor.loaded.tokenizer, question, choices)
     try:
-        samples, rate = audio_mod.decode(data)
+        samples, rate = audio_mod.decode(data, predictor.max_seconds)
         wave = audio_mod.to_mono_16k(samples, rate)
         prepared = predictor.prepare(wave, question, choices)
     except audio_mod.AudioError as exc:

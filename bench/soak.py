@@ -143,6 +143,18 @@ def float_wav(values: np.ndarray, rate: int = 16000) -> bytes:
     return buf.getvalue()
 
 
+def flac_bomb(hours: float = 2.0) -> bytes:
+    """Hours of 8 kHz silence in a FLAC file of a few hundred kB (GBs once decoded)."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    block = np.zeros(8000 * 600, np.int16)  # 10 minutes
+    with sf.SoundFile(buf, "w", samplerate=8000, channels=1, format="FLAC") as f:
+        for _ in range(round(hours * 6)):
+            f.write(block)
+    return buf.getvalue()
+
+
 def hostile_cases(good_wav: bytes) -> list[tuple[str, Callable[[int], Reply]]]:
     """(name, send(port) -> Reply) for every hostile input; each sends one request."""
     rng = np.random.default_rng(0)
@@ -200,6 +212,7 @@ def hostile_cases(good_wav: bytes) -> list[tuple[str, Callable[[int], Reply]]]:
         ("zero sample rate", send_audio(wav_header(1, 0) + noise)),
         ("absurd sample rate (4 GHz)", send_audio(wav_header(1, 4_000_000_000 // 4) + noise)),
         ("very long audio (10 min)", send_audio(long_audio)),
+        ("FLAC bomb (2 h of silence, 0.2 MB)", send_audio(flac_bomb(), "audio/flac")),
         ("one sample of audio", send_audio(wav_header(1, 16000, 16, 2) + b"\x00\x01")),
         ("NaN samples", send_audio(float_wav(np.full(16000, np.nan)))),
         ("inf samples", send_audio(float_wav(np.full(16000, np.inf)))),

@@ -43,7 +43,13 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "quaver_model_info": ("gauge", {"base", "posterior"}),
     "quaver_ready": ("gauge", set()),
 }
-ALERTS = {"QuaverAbstentionSpike", "QuaverHighErrorRate", "QuaverHighLatencyP95", "QuaverNotReady"}
+ALERTS = {
+    "QuaverAbstentionSpike",
+    "QuaverHighErrorRate",
+    "QuaverHighLatencyP95",
+    "QuaverNotReady",
+    "QuaverWorkerStuck",
+}
 TARGET_LABELS = {"job", "instance"}  # added by Prometheus to every scraped series
 BUILTIN_SERIES = {"up"}  # written by Prometheus itself
 PROMQL_KEYWORDS = {
