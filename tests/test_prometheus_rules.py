@@ -42,6 +42,9 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "quaver_errors": ("counter", {"type"}),
     "quaver_model_info": ("gauge", {"base", "posterior"}),
     "quaver_ready": ("gauge", set()),
+    "quaver_worker_heartbeat_age_seconds": ("gauge", set()),
+    "quaver_jobs_abandoned": ("counter", set()),
+    "quaver_rejected": ("counter", {"limit"}),
 }
 ALERTS = {
     "QuaverAbstentionSpike",
