@@ -2,7 +2,8 @@
 
 Starts `quaver serve` as a subprocess (a tiny random model by default; the embedded default with
 `--default`), then:
-  1. baseline: `--clients` concurrent clients send good requests only;
+  1. baseline: `--clients` concurrent clients send good requests only (again after step 2, so
+     that a machine whose load drifts shows it: compare the abuse phase with both);
   2. abuse: the same clients send good requests with the hostile corpus interleaved (each hostile
      case once, spread over the clients), while a prober checks every `--probe-s` seconds
      whether /healthz and /readyz tell the truth, i.e. agree with whether a good probe request
@@ -359,6 +360,14 @@ class GoodStats:
     def pct(self, q: float) -> float | None:
         return round(float(np.percentile(self.latencies, q)) * 1000, 1) if self.latencies else None
 
+    def summary(self) -> dict:
+        return {
+            "answered": self.answered,
+            "lost": self.lost,
+            "p50_ms": self.pct(50),
+            "p95_ms": self.pct(95),
+        }
+
 
 async def traffic(
     url: str,
@@ -543,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
             prober.stop_flag.set()
             prober.join(60)
             alive = proc.poll() is None
+            after = (
+                asyncio.run(traffic(url, port, args.clients, args.good, [], args.max_seconds))[0]
+                if alive
+                else GoodStats([], Counter())
+            )
             shutdown = sigterm_exit(proc, url, tone_payloads(1)[0], args.grace_s) if alive else {}
         finally:
             if proc.poll() is None:
@@ -568,19 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         "5xx_other_than_backpressure": five,
         "no_reply": no_reply,
         "good": {
-            "baseline": {
-                "answered": base.answered,
-                "lost": base.lost,
-                "p50_ms": base.pct(50),
-                "p95_ms": base.pct(95),
-            },
-            "under_abuse": {
-                "answered": abuse.answered,
-                "lost": abuse.lost,
-                "p50_ms": abuse.pct(50),
-                "p95_ms": abuse.pct(95),
-                "status": dict(abuse.status),
-            },
+            "baseline": base.summary(),
+            "under_abuse": {**abuse.summary(), "status": dict(abuse.status)},
+            "baseline_after": after.summary(),
         },
         "abuse_phase_s": round(abuse_s, 1),
         "server_alive_after_abuse": alive,
@@ -596,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         not five
         and abuse.lost == 0
         and base.lost == 0
+        and after.lost == 0
         and not prober.healthz_lies
         and not prober.readyz_lies
         and alive
@@ -622,7 +627,7 @@ def print_report(r: dict) -> None:
     print(f"5xx other than documented 503 backpressure: {len(r['5xx_other_than_backpressure'])}")
     print(f"hostile requests with no HTTP reply: {len(r['no_reply'])}")
     g = r["good"]
-    for phase in ("baseline", "under_abuse"):
+    for phase in ("baseline", "under_abuse", "baseline_after"):
         x = g[phase]
         print(
             f"good requests {phase:>12}: answered {x['answered']}, lost {x['lost']}, p50 {x['p50_ms']} ms, p95 {x['p95_ms']} ms"
