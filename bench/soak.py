@@ -59,10 +59,12 @@ class Reply:
     status: int | None  # None: no HTTP response (connection reset, timeout)
     etype: str = ""  # the JSON error type, when there is one
     note: str = ""
+    seconds: float = 0.0  # from connecting to the end of the reply
 
 
 def raw_request(port: int, head: bytes, body: bytes = b"", timeout_s: float = 30.0) -> Reply:
     """Send `head` + `body` on a fresh connection to 127.0.0.1, read the reply until close."""
+    t0 = time.perf_counter()
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
             sock.sendall(head + body)  # the request says Connection: close
@@ -70,16 +72,17 @@ def raw_request(port: int, head: bytes, body: bytes = b"", timeout_s: float = 30
             while chunk := sock.recv(65536):
                 data += chunk
     except OSError as exc:
-        return Reply(None, note=type(exc).__name__)
+        return Reply(None, note=type(exc).__name__, seconds=time.perf_counter() - t0)
+    dt = time.perf_counter() - t0
     if not data.startswith(b"HTTP/"):
-        return Reply(None, note="no HTTP reply")
+        return Reply(None, note="no HTTP reply", seconds=dt)
     status = int(data.split(b" ", 2)[1])
     payload = data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
     try:
         etype = json.loads(payload)["error"]["type"]
     except (ValueError, KeyError, TypeError):
         etype = ""
-    return Reply(status, etype)
+    return Reply(status, etype, seconds=dt)
 
 
 def multipart(
@@ -288,7 +291,7 @@ def hostile_cases(good_wav: bytes) -> list[tuple[str, Callable[[int], Reply]]]:
         (
             "100 kB header",
             send_raw(
-                b"POST /answer HTTP/1.1\r\nHost: x\r\nX-Big: "
+                b"POST /answer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
                 + b"a" * 100_000
                 + b"\r\nContent-Length: 0\r\n\r\n",
                 b"",
@@ -578,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         "clients": args.clients,
         "hostile_cases": len(cases),
         "hostile": {n: classify(r) for n, r in replies.items()},
+        "hostile_ms": {n: round(r.seconds * 1000, 1) for n, r in replies.items()},
         "status_seen": dict(sorted(seen.items())),
         "5xx_other_than_backpressure": five,
         "no_reply": no_reply,
@@ -620,7 +624,7 @@ def print_report(r: dict) -> None:
     print(f"hostile cases: {r['hostile_cases']}")
     width = max(len(n) for n in r["hostile"])
     for name, got in r["hostile"].items():
-        print(f"  {name:<{width}}  {got}")
+        print(f"  {name:<{width}}  {got:<28} {r['hostile_ms'][name]:>8.1f} ms")
     print(
         "status codes seen (hostile):", ", ".join(f"{k} x{v}" for k, v in r["status_seen"].items())
     )
