@@ -24,21 +24,44 @@ class AudioError(ValueError):
         self.kind = kind  # "invalid" | "unsupported" | "too_long"
 
 
-def decode(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode an audio file's bytes to (samples (n, channels) float32, sample_rate)."""
+MAX_CHANNELS = 8  # more is refused: each one costs memory before the mix-down
+MAX_RATE = 192_000  # Hz; likewise
+
+
+def decode(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode an audio file's bytes to (samples (n, channels) float32, sample_rate).
+
+    With `max_seconds`, at most that much audio (plus one frame) is ever decoded, whatever the
+    header claims: a small compressed file can hold hours of silence (10 MB of FLAC decode to
+    gigabytes), so the length is learnt by reading, not by trusting the header, and a longer clip
+    is refused as "too_long" without decoding the rest.
+    """
     import soundfile as sf  # imported here: the compute path (features, engine) needs no libsndfile
 
     if not data:
         raise AudioError("audio file is empty")
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate, channels = int(f.samplerate), int(f.channels)
+            if not 0 < channels <= MAX_CHANNELS:
+                raise AudioError(f"audio has {channels} channels; at most {MAX_CHANNELS} are read")
+            if not 0 < rate <= MAX_RATE:
+                raise AudioError(f"sample rate {rate} Hz is outside 1-{MAX_RATE} Hz")
+            frames = -1 if max_seconds is None else int(max_seconds * rate) + 1
+            samples = f.read(frames=frames, dtype="float32", always_2d=True)
+        if max_seconds is not None and len(samples) >= frames:
+            raise AudioError(
+                f"audio is longer than the model's window of {max_seconds:.2f} s", "too_long"
+            )
+    except AudioError:
+        raise
     except sf.LibsndfileError as exc:
         msg = str(exc).rsplit(">: ", 1)[-1]  # drop libsndfile's "Error opening <BytesIO ...>"
         kind = "unsupported" if "format" in msg.lower() else "invalid"
         raise AudioError(f"cannot decode audio: {msg}", kind) from exc
     except (RuntimeError, TypeError, ValueError) as exc:
         raise AudioError(f"cannot decode audio: {exc}") from exc
-    return samples, int(rate)
+    return samples, rate
 
 
 def resample(x: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:

@@ -29,6 +29,12 @@ class Unauthorized(QuaverError):
     status, type = 401, "unauthorized"
 
 
+class BodyTimeout(QuaverError):
+    """The request body stopped arriving (QUAVER_BODY_TIMEOUT_S without a byte)."""
+
+    status, type = 408, "body_timeout"
+
+
 class PayloadTooLarge(QuaverError):
     status, type = 413, "payload_too_large"
 
@@ -45,6 +51,21 @@ class InvalidInput(QuaverError):
     status, type = 422, "invalid_input"
 
 
+class LimitExceeded(InvalidInput):
+    """A request over one of the bounds on its cost (app/limits.py); `limit` names the bound."""
+
+    type = "limit_exceeded"
+
+    def __init__(self, limit: str, value: int, bound: int, message: str) -> None:
+        super().__init__(message)
+        self.limit, self.value, self.bound = limit, value, bound
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"].update(limit=self.limit, value=self.value, bound=self.bound)
+        return body
+
+
 class Overloaded(QuaverError):
     status, type = 503, "overloaded"
 
@@ -54,4 +75,13 @@ class NotReady(QuaverError):
 
 
 class InferenceTimeout(QuaverError):
+    """The request's deadline (QUAVER_REQUEST_TIMEOUT_S, queueing included) passed: 503 with
+    Retry-After, like the other capacity errors, since retrying later can succeed."""
+
     status, type = 503, "timeout"
+
+
+class ShuttingDown(QuaverError):
+    """The server is draining after SIGTERM: queued and late requests get this."""
+
+    status, type = 503, "shutting_down"

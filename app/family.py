@@ -89,6 +89,10 @@ class ModelFamily:
     def window_seconds(self, model_config: Qwen2AudioConfig) -> float:
         return self.window_frames(model_config) * HOP_LENGTH / SAMPLE_RATE
 
+    def context_window(self, model_config: Qwen2AudioConfig) -> int:
+        """Positions the decoder was built for: no prompt may be longer."""
+        return int(model_config.text_config.max_position_embeddings)
+
     def audio_tokens_for_frames(self, n_frames: int) -> int:
         """Audio tokens the encoder emits for `n_frames` valid mel frames (conv stride 2, pool 2)."""
         after_conv = (n_frames - 1) // 2 + 1

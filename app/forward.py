@@ -12,10 +12,15 @@ position and cannot share work between posterior samples. Quaver's pass is split
 same thing, so it runs once per request and its hidden states are repeated to the K sample rows.
 Sequences are right-padded: with causal attention a real token never sees the padding after it,
 so a row's result does not depend on the other rows in the batch, and no attention mask is needed.
+
+Both halves take an optional `should_stop` callable, asked before the audio tower and before
+every decoder layer: when it returns True the pass raises `Abandoned`, so a batch whose callers
+have all given up frees the engine's worker within one layer's time instead of a whole pass.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +32,17 @@ from transformers.masking_utils import (
 )
 
 from app.family import QWEN2_AUDIO, ModelFamily
+
+StopCheck = Callable[[], bool] | None
+
+
+class Abandoned(Exception):
+    """A pass stopped at a layer boundary because its `should_stop` said so."""
+
+
+def _check(should_stop: StopCheck) -> None:
+    if should_stop is not None and should_stop():
+        raise Abandoned
 
 
 @dataclass
@@ -141,7 +157,9 @@ class DecoderRunner:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
         return masks
 
-    def run(self, h: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def run(
+        self, h: torch.Tensor, start: int, end: int, should_stop: StopCheck = None
+    ) -> torch.Tensor:
         """h: (B, T, d) hidden entering layer `start` -> hidden leaving layer `end - 1`."""
         if start >= end:
             return h
@@ -149,6 +167,7 @@ class DecoderRunner:
         masks = self._masks(h, position_ids)
         pos_emb = self.lm.rotary_emb(h, position_ids=position_ids)
         for layer in self.lm.layers[start:end]:
+            _check(should_stop)
             kind = getattr(layer, "attention_type", "full_attention")
             h = layer(
                 h,
@@ -160,12 +179,17 @@ class DecoderRunner:
 
 
 def prefix_hidden(
-    model: nn.Module, batch: PromptBatch, split: int, family: ModelFamily = QWEN2_AUDIO
+    model: nn.Module,
+    batch: PromptBatch,
+    split: int,
+    family: ModelFamily = QWEN2_AUDIO,
+    should_stop: StopCheck = None,
 ) -> torch.Tensor:
     """Hidden states (R, T, d) entering decoder layer `split` (audio encoded once per row)."""
+    _check(should_stop)
     audio, audio_lens = encode_audio(model, batch.features, batch.n_frames, family)
     h = embed_prompts(model, batch.ids, audio, audio_lens, family)
-    return DecoderRunner(model, family).run(h, 0, split)
+    return DecoderRunner(model, family).run(h, 0, split, should_stop)
 
 
 def suffix_letter_logits(
@@ -175,10 +199,11 @@ def suffix_letter_logits(
     split: int,
     letter_ids: torch.Tensor,
     family: ModelFamily = QWEN2_AUDIO,
+    should_stop: StopCheck = None,
 ) -> torch.Tensor:
     """Layers [split, L), final norm, letter logits at each row's last token: (B, n_letters)."""
     runner = DecoderRunner(model, family)
-    h = runner.run(h, split, runner.num_layers)
+    h = runner.run(h, split, runner.num_layers, should_stop)
     last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, d)
     last = runner.lm.norm(last)
     weight = family.lm_head(model).weight[letter_ids]  # (n_letters, d): only the rows we need

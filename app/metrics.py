@@ -63,4 +63,25 @@ class Metrics:
         self.model_info = Gauge(
             "quaver_model_info", "loaded model", ["base", "posterior"], registry=r
         )
-        self.ready = Gauge("quaver_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.ready = Gauge(
+            "quaver_ready",
+            "1 while /readyz answers 200: loaded, warmed up, worker progressing, queue not full",
+            registry=r,
+        )
+        self.worker_heartbeat_age = Gauge(
+            "quaver_worker_heartbeat_age_seconds",
+            "seconds since the engine worker last made progress (+Inf before it starts)",
+            registry=r,
+        )
+        self.worker_heartbeat_age.set(float("inf"))
+        self.jobs_abandoned = Counter(
+            "quaver_jobs_abandoned",
+            "jobs whose pass was stopped at a layer boundary (deadline passed, or shutdown)",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "quaver_rejected",
+            "requests refused by a bound on their cost (app/limits.py)",
+            ["limit"],
+            registry=r,
+        )

@@ -3,7 +3,8 @@
     posterior.safetensors      fp32 "<module>.lora_A.weight.mean" / ".std", same for lora_B
     adapter_model.safetensors  the mean as a plain PEFT adapter ("base_model.model.<module>...")
     adapter_config.json        PEFT LoRA config for that adapter
-    quaver.json                format_version, base (path, identity, config_hash), lora spec, optimizer and
+    quaver.json                format_version, base (path, identity, config_hash), lora spec,
+                               optimizer and
                                its hyperparameters, data fingerprint, metrics, calibration table
 
 `<module>` is the module path inside `Qwen2AudioForConditionalGeneration`, e.g.

@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from app.audio import AudioFeatures
-from app.forward import PromptBatch, choice_log_probs, collate, prefix_hidden, suffix_letter_logits
+from app.forward import (
+    PromptBatch,
+    StopCheck,
+    choice_log_probs,
+    collate,
+    prefix_hidden,
+    suffix_letter_logits,
+)
 from app.lora import (
     PosteriorSampler,
     SampleSet,
@@ -138,28 +145,36 @@ class Predictor:
         return collate([p.prompt for p in prepared], [p.audio for p in prepared], self.pad_id)
 
     @torch.inference_mode()
-    def prefix(self, prepared: list[Prepared]) -> tuple[torch.Tensor, PromptBatch]:
+    def prefix(
+        self, prepared: list[Prepared], should_stop: StopCheck = None
+    ) -> tuple[torch.Tensor, PromptBatch]:
         """Hidden states entering the first LoRA layer, (R, T, d), and the batch they came from:
         the part of a pass that every posterior sample (and every posterior with the same LoRA
         layers on the same base) shares."""
         batch = self.batch(prepared).to(self.loaded.device)
-        return prefix_hidden(self.loaded.model, batch, self.split, self.loaded.family), batch
+        h = prefix_hidden(self.loaded.model, batch, self.split, self.loaded.family, should_stop)
+        return h, batch
 
     @torch.inference_mode()
     def predict(
         self,
         requests: list[Request],
         prefix: tuple[torch.Tensor, PromptBatch] | None = None,
+        should_stop: StopCheck = None,
     ) -> list[Prediction]:
         """One forward pass for all requests; returns one Prediction per request.
 
         `prefix`: `self.prefix([r.prepared for r in requests])` computed earlier (evaluation
         reuses it across passes and posteriors); computed here when None.
+        `should_stop`: asked at every layer boundary; True abandons the pass
+        (`app.forward.Abandoned`), as the engine does for a batch whose callers all gave up.
         """
         if not requests:
             return []
         device = self.loaded.device
-        h, batch = prefix if prefix is not None else self.prefix([r.prepared for r in requests])
+        if prefix is None:
+            prefix = self.prefix([r.prepared for r in requests], should_stop)
+        h, batch = prefix
         ks = [r.samples if self.sampler is not None else 1 for r in requests]
         repeats = torch.tensor(ks, device=device)
         h = h.repeat_interleave(repeats, dim=0)  # (sum K, T, d)
@@ -168,7 +183,13 @@ class Predictor:
         samples = self._draw(requests, ks)
         with active_samples(samples):
             logits = suffix_letter_logits(
-                self.loaded.model, h, lengths, self.split, self.letter_ids, self.loaded.family
+                self.loaded.model,
+                h,
+                lengths,
+                self.split,
+                self.letter_ids,
+                self.loaded.family,
+                should_stop,
             )
         probs = choice_log_probs(logits, n_choices).exp().float().cpu().numpy()
         out, start = [], 0

@@ -6,13 +6,21 @@ Routes: POST /answer (multipart: audio, question, choices..., samples, max_risk,
 GET /healthz, GET /readyz, GET /metrics, GET / (a page to try it), OpenAPI at /docs.
 The model loads in a background thread at start-up, so /healthz answers at once and /readyz turns
 200 after one warm-up pass. Errors are `QuaverError`s mapped to status codes in one handler.
+
+Every request is bounded before it reaches the engine (`app.limits`: text, tokens, prompt; audio
+duration; K; body size). `/healthz` fails once the engine worker has made no progress for
+QUAVER_WATCHDOG_S; `/readyz` is false while loading, draining, stuck or with a full queue.
+SIGTERM (under `serve`) drains: new requests get 503, in-flight ones have QUAVER_SHUTDOWN_GRACE_S
+to finish or fail with 503, then the process exits 0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -33,17 +41,20 @@ from app import audio as audio_mod
 from app.engine import Engine, Job
 from app.errors import (
     AudioTooLong,
+    BodyTimeout,
     InvalidInput,
+    LimitExceeded,
     NotReady,
     PayloadTooLarge,
     QuaverError,
     Unauthorized,
     UnsupportedMediaType,
 )
+from app.limits import RequestLimits
 from app.metrics import Metrics
 from app.predict import Predictor
 from app.predict import Request as PredictRequest
-from app.prompt import MAX_CHOICES, MIN_CHOICES, PromptError
+from app.prompt import MIN_CHOICES, PromptError
 from app.settings import Settings
 from app.thresholds import threshold_for
 
@@ -106,27 +117,36 @@ class ServiceState:
         self.loader = loader
         self.metrics = Metrics()
         self.engine: Engine | None = None
+        self.limits: RequestLimits | None = None
         self.load_error: str | None = None
         self.ready = threading.Event()
+        self.metrics.ready.set_function(lambda: float(self.readiness() is None))
 
     def load(self) -> None:
         try:
             predictor = self.loader(self.settings)
+            s = self.settings
+            cfg, fam = predictor.loaded.model.config, predictor.loaded.family
+            limits = RequestLimits.for_model(
+                s, fam.context_window(cfg), fam.audio_tokens_for_frames(fam.window_frames(cfg))
+            )
             engine = Engine(
                 predictor,
                 self.metrics,
-                max_batch_rows=self.settings.max_batch_rows,
-                max_wait_ms=self.settings.max_wait_ms,
-                queue_size=self.settings.queue_size,
-                adaptive_margin=self.settings.adaptive_margin,
+                max_batch_rows=s.max_batch_rows,
+                max_batch_tokens=s.max_batch_tokens
+                or max(s.max_batch_rows, s.max_samples) * limits.max_prompt_tokens,
+                max_wait_ms=s.max_wait_ms,
+                queue_size=s.queue_size,
+                adaptive_margin=s.adaptive_margin,
             )
             self._warm_up(engine)
             engine.start()
-            self.engine = engine
+            self.metrics.worker_heartbeat_age.set_function(engine.heartbeat_age)
+            self.limits, self.engine = limits, engine
             base = Path(str(predictor.loaded.path)).name
             post = predictor.posterior.name if predictor.posterior else "none"
             self.metrics.model_info.labels(base=base, posterior=post).set(1)
-            self.metrics.ready.set(1)
             self.ready.set()
         except Exception as exc:  # reported by /readyz; the process stays up for diagnosis
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -137,6 +157,33 @@ class ServiceState:
         wave = np.zeros(16000, dtype=np.float32)
         prepared = p.prepare(wave, "warm-up", ["yes", "no"])
         engine.run_now([Job(PredictRequest(prepared, samples=2, seed=0), threshold=0.0)])
+
+    def stuck(self) -> str | None:
+        """Why the engine worker counts as stuck (no progress past the watchdog), or None."""
+        if self.engine is None:
+            return None
+        age = self.engine.heartbeat_age()
+        if age > self.settings.watchdog_s:
+            what = "has stopped" if math.isinf(age) else f"made no progress for {age:.1f} s"
+            return f"the engine worker {what} (watchdog {self.settings.watchdog_s:g} s)"
+        return None
+
+    def readiness(self) -> str | None:
+        """Why the service should not be sent requests now, or None when it is ready."""
+        if self.engine is None:
+            return self.load_error or "the model is still loading"
+        if self.engine.draining:
+            return "the server is shutting down"
+        if self.engine.saturated:
+            return "the inference queue is full"
+        return self.stuck()
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM: refuse new work; what is in flight gets the grace period less a margin in
+        which its 503 still reaches the client before the HTTP server closes connections."""
+        if self.engine is not None:
+            grace = self.settings.shutdown_grace_s
+            self.engine.drain(max(grace - 2.0, grace / 2))
 
 
 def get_state(request: Request) -> ServiceState:
@@ -158,10 +205,22 @@ def check_api_key(request: Request, state: Annotated[ServiceState, Depends(get_s
 
 
 class BodyLimit:
-    """ASGI middleware: 413 as soon as a request body exceeds the limit, while it streams in."""
+    """ASGI middleware: 413 as soon as a request body exceeds the limit, while it streams in.
 
-    def __init__(self, app, limit: int, metrics: Metrics) -> None:
-        self.app, self.limit, self.metrics = app, limit, metrics
+    A client that is still sending when the server answers and closes would see a connection
+    reset instead of the 413 (the kernel resets a socket closed with unread data). So before the
+    413 is sent, the rest of the body is read and discarded, up to `drain` bytes; a body larger
+    still gets the 413 written and the connection closed, and such a client may see the reset.
+
+    A body that stops arriving (a Content-Length larger than what is sent, a stalled upload) gets
+    a 408 once no byte came for `idle_s`, so a slow client cannot hold a request open forever.
+    """
+
+    def __init__(
+        self, app, limit: int, metrics: Metrics, drain: int = 0, idle_s: float = 30.0
+    ) -> None:
+        self.app, self.limit, self.metrics, self.drain = app, limit, metrics, drain
+        self.idle_s = idle_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -170,27 +229,57 @@ class BodyLimit:
         declared = headers.get(b"content-length")
         too_big = PayloadTooLarge(f"upload larger than {self.limit} bytes")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._discard(receive, 0)
             return await self._reject(scope, send, too_big)
-        seen, overflow = 0, False
+        seen, overflow, ended, stalled = 0, False, False, False
 
         async def limited_receive():
-            nonlocal seen, overflow
-            message = await receive()
+            nonlocal seen, overflow, ended, stalled
+            try:
+                message = await self._receive(receive)
+            except _BodyStalled:
+                stalled = True
+                raise
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                ended = not message.get("more_body", False)
                 if seen > self.limit:
                     overflow = True
                     raise _BodyTooLarge
             return message
 
         async def guarded_send(message):
-            if not overflow:  # the app's own reply to a cut-off body is replaced by the 413
+            if not (overflow or stalled):  # the app's reply to a cut-off body is replaced below
                 await send(message)
 
-        with contextlib.suppress(_BodyTooLarge):
+        with contextlib.suppress(_BodyTooLarge, _BodyStalled):
             await self.app(scope, limited_receive, guarded_send)
-        if overflow:
+        if stalled:
+            err = BodyTimeout(f"no part of the request body arrived for {self.idle_s:g} s")
+            await self._reject(scope, send, err)
+        elif overflow:
+            if not ended:
+                await self._discard(receive, seen)
             await self._reject(scope, send, too_big)
+
+    async def _discard(self, receive, seen: int) -> None:
+        """Read the body to its end (or `drain` bytes in all) and throw it away."""
+        while seen <= self.drain:
+            try:
+                message = await self._receive(receive)
+            except _BodyStalled:
+                return
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    async def _receive(self, receive):
+        try:
+            return await asyncio.wait_for(receive(), self.idle_s)
+        except TimeoutError:
+            raise _BodyStalled from None
 
     async def _reject(self, scope, send, err: QuaverError):
         self.metrics.errors.labels(type=err.type).inc()
@@ -205,12 +294,25 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _BodyStalled(Exception):
+    pass
+
+
 async def _empty_receive():
     return {"type": "http.disconnect"}
 
 
-def _parse_choices(raw: list[str]) -> list[str]:
+def _parse_choices(raw: list[str], limits: RequestLimits) -> list[str]:
     if len(raw) == 1 and raw[0].strip().startswith("["):
+        if len(raw[0]) > limits.max_choices * (limits.max_choice_chars + 8) + 2:
+            raise LimitExceeded(
+                "choice_chars",
+                len(raw[0]),
+                limits.max_choices * limits.max_choice_chars,
+                f"the JSON list of choices has {len(raw[0])} characters; the limit is "
+                f"{limits.max_choices} choices of {limits.max_choice_chars} characters "
+                "(QUAVER_MAX_CHOICES, QUAVER_MAX_CHOICE_CHARS)",
+            )
         try:
             parsed = json.loads(raw[0])
         except json.JSONDecodeError as exc:
@@ -218,9 +320,10 @@ def _parse_choices(raw: list[str]) -> list[str]:
         if not isinstance(parsed, list) or not all(isinstance(c, str) for c in parsed):
             raise InvalidInput("choices must be a list of strings")
         raw = parsed
+    limits.check_choices(raw)  # count and characters before any other work on them
     choices = [c.strip() for c in raw]
-    if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
-        raise InvalidInput(f"give {MIN_CHOICES}-{MAX_CHOICES} choices, got {len(choices)}")
+    if len(choices) < MIN_CHOICES:
+        raise InvalidInput(f"give at least {MIN_CHOICES} choices, got {len(choices)}")
     if any(not c for c in choices):
         raise InvalidInput("choices must not be empty")
     if len({c.lower() for c in choices}) != len(choices):
@@ -245,7 +348,7 @@ def create_app(
             thread.join()
         yield
         if state.engine is not None:
-            state.engine.stop()
+            state.engine.stop(timeout_s=2.0)  # a daemon thread: a stuck one cannot hold the exit
 
     app = FastAPI(
         title="Quaver",
@@ -254,11 +357,19 @@ def create_app(
         description="Audio question answering that knows when it does not know.",
     )
     app.state.quaver = state
-    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes, metrics=state.metrics)
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_upload_bytes,
+        metrics=state.metrics,
+        drain=settings.max_drain_bytes,
+        idle_s=settings.body_timeout_s,
+    )
 
     @app.exception_handler(QuaverError)
     async def quaver_error(request: Request, exc: QuaverError):
         state.metrics.errors.labels(type=exc.type).inc()
+        if isinstance(exc, LimitExceeded):
+            state.metrics.rejected.labels(limit=exc.limit).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -296,14 +407,21 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz():
+        stuck = state.stuck()
+        if stuck is not None:
+            return JSONResponse({"status": "stuck", "error": stuck}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/readyz")
     async def readyz():
-        if state.engine is not None:
+        why = state.readiness()
+        if why is None:
             return {"status": "ready"}
-        body = {"status": "failed" if state.load_error else "loading", "error": state.load_error}
-        return JSONResponse(body, status_code=503)
+        if state.engine is None:
+            status = "failed" if state.load_error else "loading"
+        else:
+            status = "draining" if state.engine.draining else "unavailable"
+        return JSONResponse({"status": status, "error": why}, status_code=503)
 
     @app.get("/metrics")
     async def metrics():
@@ -315,6 +433,7 @@ def create_app(
 
     @app.post("/answer", response_model=AnswerResponse, dependencies=[Depends(check_api_key)])
     async def answer(
+        request: Request,
         engine: Annotated[Engine, Depends(require_engine)],
         audio: Annotated[UploadFile, File(description="audio file (WAV, FLAC, OGG, ...)")],
         question: Annotated[str, Form(description="the question about the audio")],
@@ -326,15 +445,21 @@ def create_app(
     ) -> AnswerResponse:
         t0 = time.perf_counter()
         s = state.settings
+        form = await request.form()  # parsed already for the parameters above: no second read
+        for name in ("audio", "question", "samples", "max_risk", "seed", "adaptive"):
+            if len(form.getlist(name)) > 1:
+                raise InvalidInput(f"give {name} once, got {len(form.getlist(name))}")
         k = s.default_samples if samples is None else samples
         if not 1 <= k <= s.max_samples:
             raise InvalidInput(f"samples must be between 1 and {s.max_samples}, got {k}")
         risk = s.default_max_risk if max_risk is None else max_risk
         if not (0 < risk < 1) or not math.isfinite(risk):
             raise InvalidInput(f"max_risk must be in (0, 1), got {risk}")
+        limits = state.limits
+        limits.check_question(question)
         if not question.strip():
             raise InvalidInput("question must not be empty")
-        opts = _parse_choices(choices)
+        opts = _parse_choices(choices, limits)
         if not 0 <= seed < 2**63:
             raise InvalidInput("seed must be a non-negative 64-bit integer")
         data = await audio.read()
@@ -347,7 +472,7 @@ def create_app(
         ):
             raise UnsupportedMediaType(f"audio must be an audio file, got content type {ctype}")
         # decoding + features are CPU work: off the event loop, like inference
-        prepared = await run_in_threadpool(_prepare, engine.predictor, data, question, opts)
+        prepared = await run_in_threadpool(_prepare, engine.predictor, limits, data, question, opts)
         state.metrics.audio_duration.observe(prepared.audio.duration_s)
         thr = threshold_for(
             engine.predictor.posterior.calibration if engine.predictor.posterior else None, risk
@@ -396,11 +521,15 @@ def create_app(
     return app
 
 
-def _prepare(predictor: Predictor, data: bytes, question: str, choices: list[str]):
+def _prepare(
+    predictor: Predictor, limits: RequestLimits, data: bytes, question: str, choices: list[str]
+):
+    # text first: its bounds are cheaper to check than decoding the audio
+    limits.check_tokens(predictor.loaded.tokenizer, question, choices)
     try:
-        samples, rate = audio_mod.decode(data)
+        samples, rate = audio_mod.decode(data, predictor.max_seconds)
         wave = audio_mod.to_mono_16k(samples, rate)
-        return predictor.prepare(wave, question, choices)
+        prepared = predictor.prepare(wave, question, choices)
     except audio_mod.AudioError as exc:
         if exc.kind == "unsupported":
             raise UnsupportedMediaType(str(exc)) from exc
@@ -409,10 +538,20 @@ def _prepare(predictor: Predictor, data: bytes, question: str, choices: list[str
         raise InvalidInput(str(exc)) from exc
     except PromptError as exc:
         raise InvalidInput(str(exc)) from exc
+    limits.check_prompt(len(prepared.prompt.ids))
+    return prepared
 
 
-def serve(host: str | None = None, port: int | None = None) -> None:
-    """Run the service with uvicorn (settings from the environment, overrides from the CLI)."""
+def serve(
+    host: str | None = None,
+    port: int | None = None,
+    loader: Callable[[Settings], Predictor] | None = None,
+) -> None:
+    """Run the service with uvicorn (settings from the environment, overrides from the CLI).
+
+    SIGTERM or SIGINT: the listening socket closes, /readyz turns 503, the engine drains (new
+    requests 503, in-flight ones finish or fail within QUAVER_SHUTDOWN_GRACE_S) and the process
+    exits 0."""
     import uvicorn
 
     settings = Settings()
@@ -425,4 +564,24 @@ def serve(host: str | None = None, port: int | None = None) -> None:
         f"(model {settings.model_dir}, posterior {settings.posterior_dir})",
         flush=True,
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    app = create_app(settings, loader or load_predictor)
+    state: ServiceState = app.state.quaver
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state.begin_shutdown()
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal once it has shut down (exit status 143); a
+            # drained shutdown on SIGTERM is a clean exit, so it exits 0 instead.
+            captured = getattr(self, "_captured_signals", [])
+            if sig == signal.SIGTERM and sig in captured:
+                captured.remove(sig)
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
+    )
+    Server(config).run()

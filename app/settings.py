@@ -10,6 +10,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.prompt import MAX_CHOICES, MIN_CHOICES
+
 DEFAULT_POSTERIOR_DIR = Path(__file__).resolve().parent / "default"
 
 
@@ -38,6 +40,46 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1, description="requests waiting before 503")
     request_timeout_s: float = Field(60.0, gt=0, description="per-request limit incl. queueing")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest audio upload")
+    max_drain_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="an oversized body is read and discarded up to this many bytes before the 413 "
+        "is sent, so that a client still sending can read it; past this the connection is closed",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body with no byte for this long gets a 408"
+    )
+    # -- bounds on one request's cost (app/limits.py; a violation is a 422 naming the bound) ----
+    max_question_chars: int = Field(2000, ge=1, description="question length before tokenising")
+    max_choice_chars: int = Field(500, ge=1, description="one choice's length before tokenising")
+    max_choices: int = Field(
+        MAX_CHOICES, ge=MIN_CHOICES, le=MAX_CHOICES, description="choices one question may offer"
+    )
+    max_question_tokens: int = Field(256, ge=1, description="question length in tokens")
+    max_choice_tokens: int = Field(64, ge=1, description="one choice's length in tokens")
+    max_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="whole prompt in tokens, audio block included; unset = the longest audio "
+        "block + 512 text tokens, capped by the model's context window",
+    )
+    max_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="decoder rows x padded tokens of one micro-batch: the engine never runs more; "
+        "unset = max(max_batch_rows, max_samples) x max_prompt_tokens, so that any request the "
+        "other bounds admit fits",
+    )
+    # -- liveness and shutdown ---------------------------------------------------------------
+    watchdog_s: float = Field(
+        30.0, gt=0, description="/healthz fails once the engine worker made no progress this long"
+    )
+    shutdown_grace_s: float = Field(
+        8.0,
+        gt=0,
+        description="SIGTERM: in-flight requests get this long to finish, then fail with 503; "
+        "the process exits 0 (below Docker's default 10 s stop timeout)",
+    )
     api_key: str | None = Field(None, description="bearer token required on /answer when set")
     threads: int = Field(0, ge=0, description="torch threads (0 = torch default)")
 

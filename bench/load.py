@@ -51,6 +51,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+TOO_MANY_CHOICES = 11  # one past the letters A-J a prompt can offer
 SAMPLE_RATE = 16_000
 
 # Text the tiny model's tokenizer is trained on: the benchmark's question/choice vocabulary.
@@ -161,7 +162,9 @@ class LoadConfig:
     request_timeout_s: float = 60.0  # client-side limit of one request
     samples: int | None = 8  # K per request; None = the server's default
     max_risks: tuple[float | None, ...] = (None,)  # cycled over requests; None = server default
-    bad_every: int = 0  # every n-th request is malformed (empty audio -> 422); 0 = none
+    # every n-th request is refused, alternately for empty audio (422 invalid_input) and for
+    # more choices than the service's bound (422 limit_exceeded); 0 = none
+    bad_every: int = 0
     seed: int = 0  # request i sends seed + i (weight samples are reproducible per index)
     adaptive: bool | None = None  # sample only near the threshold; None = server default
 
@@ -231,7 +234,10 @@ def _request_fields(i: int, payloads: Sequence[Payload], cfg: LoadConfig):
     risk = cfg.max_risks[i % len(cfg.max_risks)]
     if risk is not None:
         data["max_risk"] = f"{risk:g}"
-    files = {"audio": (p.filename, b"" if bad else p.audio, "audio/wav")}
+    empty = bad and ((i + 1) // cfg.bad_every) % 2 == 1
+    if bad and not empty:
+        data["choices"] = [f"choice {j}" for j in range(TOO_MANY_CHOICES)]
+    files = {"audio": (p.filename, b"" if empty else p.audio, "audio/wav")}
     return files, data, bad
 
 

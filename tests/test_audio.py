@@ -1,7 +1,10 @@
 """Audio decoding, resampling, and features identical to Whisper's feature extractor."""
 
+import io
+
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from transformers import WhisperFeatureExtractor
 
@@ -57,3 +60,36 @@ def test_bad_bytes(data, kind):
 def test_nan_is_refused():
     with pytest.raises(AudioError, match="NaN"):
         to_mono_16k(np.array([[0.0], [np.nan]], np.float32), 16000)
+
+
+def test_decode_reads_no_more_than_the_window_whatever_the_file_holds():
+    """A small compressed file can hold hours of silence: decoding stops past the window."""
+    import tracemalloc
+
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", samplerate=8000, channels=1, format="FLAC") as f:
+        for _ in range(10):
+            f.write(np.zeros(8000 * 60, np.int16))  # 10 minutes: 19 MB once decoded to float32
+    data = buf.getvalue()
+    assert len(data) < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(AudioError) as e:
+            decode(data, max_seconds=10.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.kind == "too_long" and "10.00 s" in str(e.value)
+    assert peak < 2_000_000  # 10 s at 8 kHz is 320 kB of float32; the whole file would be 19 MB
+    samples, rate = decode(data)  # without a bound: all of it
+    assert rate == 8000 and len(samples) == 8000 * 600
+
+
+@pytest.mark.parametrize(
+    ("channels", "rate", "message"), [(9, 16000, "9 channels"), (1, 384000, "sample rate 384000")]
+)
+def test_decode_refuses_too_many_channels_or_too_high_a_rate(channels, rate, message):
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((160, channels), np.float32), rate, format="WAV")
+    with pytest.raises(AudioError, match=message):
+        decode(buf.getvalue(), max_seconds=10.0)

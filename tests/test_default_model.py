@@ -297,5 +297,8 @@ def test_step_times_survive_a_resumed_invocation(monkeypatch):
     assert times["adapt_s"] == 2736.0
     dm.timed(times, "adapt_s", time.sleep, 0.1)  # it ran again: the new time counts
     assert 0.05 <= times["adapt_s"] < 2736.0
-    dm.timed(times, "ship_s", lambda: None)  # never recorded before: its time, however short
-    assert times["ship_s"] < 0.05
+    # never recorded before: its time counts, however short (any step would look "cached" now,
+    # so this holds on a machine of any speed)
+    monkeypatch.setattr(dm, "CACHED_S", 1e9)
+    dm.timed(times, "ship_s", lambda: None)
+    assert 0 <= times["ship_s"] < 1e9

@@ -42,8 +42,17 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "quaver_errors": ("counter", {"type"}),
     "quaver_model_info": ("gauge", {"base", "posterior"}),
     "quaver_ready": ("gauge", set()),
+    "quaver_worker_heartbeat_age_seconds": ("gauge", set()),
+    "quaver_jobs_abandoned": ("counter", set()),
+    "quaver_rejected": ("counter", {"limit"}),
 }
-ALERTS = {"QuaverAbstentionSpike", "QuaverHighErrorRate", "QuaverHighLatencyP95", "QuaverNotReady"}
+ALERTS = {
+    "QuaverAbstentionSpike",
+    "QuaverHighErrorRate",
+    "QuaverHighLatencyP95",
+    "QuaverNotReady",
+    "QuaverWorkerStuck",
+}
 TARGET_LABELS = {"job", "instance"}  # added by Prometheus to every scraped series
 BUILTIN_SERIES = {"up"}  # written by Prometheus itself
 PROMQL_KEYWORDS = {

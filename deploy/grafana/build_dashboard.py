@@ -437,9 +437,37 @@ def build_dashboard() -> dict[str, Any]:
             8,
         ),
         (
+            timeseries(
+                "Requests refused by a bound",
+                "Requests per second refused by each bound on their cost (app/limits.py: "
+                "question/choice characters and tokens, choices, prompt tokens, batch budget).",
+                [target(f"sum by (limit) (rate(quaver_rejected_total{rate}))", "{{limit}}")],
+                unit="reqps",
+                stacked=True,
+            ),
+            8,
+            8,
+        ),
+        (
+            timeseries(
+                "Engine worker heartbeat age",
+                "Seconds since each server's engine worker last made progress; /healthz fails "
+                "past QUAVER_WATCHDOG_S (30 s), alert QuaverWorkerStuck above 60 s. Abandoned "
+                "jobs: passes stopped at a layer boundary once their deadline passed.",
+                [
+                    target("quaver_worker_heartbeat_age_seconds", "age {{instance}}"),
+                    target(f"sum(rate(quaver_jobs_abandoned_total{rate}))", "abandoned jobs/s"),
+                ],
+                unit="s",
+            ),
+            8,
+            8,
+        ),
+        (
             stat(
                 "Ready",
-                "1 once a server has loaded its model and run its warm-up pass; scrape target up.",
+                "1 while /readyz answers 200: model loaded and warmed up, not draining, worker "
+                "progressing, queue not full; scrape target up.",
                 [
                     target("quaver_ready", "ready {{instance}}", instant=True),
                     target('up{job="quaver"}', "up {{instance}}", instant=True),
