@@ -4,8 +4,8 @@
     adapter_model.safetensors  the mean as a plain PEFT adapter ("base_model.model.<module>...")
     adapter_config.json        PEFT LoRA config for that adapter
     quaver.json                format_version, base (path, identity, config_hash), lora spec,
-                               optimizer and
-                               its hyperparameters, data fingerprint, metrics, calibration table
+                               optimizer and its hyperparameters, data fingerprint, metrics,
+                               calibration table
 
 `<module>` is the module path inside `Qwen2AudioForConditionalGeneration`, e.g.
 `model.language_model.layers.3.self_attn.q_proj`. lora_A is (r, in_features), lora_B is
