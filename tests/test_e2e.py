@@ -237,3 +237,23 @@ def test_more_epochs_continue_a_finished_run(toy_bench, toy_base, tmp_path):
 
     with pytest.raises(ConfigError, match=r"epochs: 2 -> 1"):
         pretrain(one, progress=False)
+
+
+def test_an_unfinished_run_with_other_settings_is_refused_in_one_line(pipeline, tmp_path, capsys):
+    import yaml
+
+    from training.cli import main
+    from training.config import to_dict
+    from training.stages.loop import fingerprint, save_state
+
+    _, _, _, run = pipeline
+    out = tmp_path / "stopped"
+    other = dataclasses.replace(run, out_dir=out, seed=run.seed + 1)
+    save_state(out, {"fingerprint": fingerprint(to_dict(other))})  # a run stopped midway
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**to_dict(run), "out_dir": str(out)}))
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err  # after the model loaded: its progress bar, then the error
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"quaver train: error: {out} holds an unfinished run with other")
