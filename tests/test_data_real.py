@@ -353,3 +353,46 @@ def test_installed_sound_font_renders_notes_in_the_right_order():
     a, b = (x[round(0.05 * SR) : round(0.25 * SR)] for x in (low, high))
     assert np.sqrt(np.mean(a**2)) > 1e-3
     assert pitch_shift_semitones(a, b) == pytest.approx(7, abs=0.5)
+
+
+# ----------------------------------------------------------------------------- controls, CLI
+
+
+def test_abstention_on_controls_follows_the_servers_rule(dataset):
+    from training.data.controls import abstention_on_controls, control_mask
+
+    items = read_manifest(dataset, "test_real")
+    mask = control_mask(items)
+    assert 0 < mask.sum() < len(items)
+    conf = np.where(mask, 0.3, 0.9)  # a predictor unsure on every control
+    conf[np.flatnonzero(mask)[0]] = 0.95  # but confident on one
+    calibration = {
+        "targets": [
+            {"max_risk": 0.05, "threshold": None},  # infeasible: always abstain
+            {"max_risk": 0.2, "threshold": 0.5},
+            {"max_risk": 0.3, "threshold": 0.2},
+        ]
+    }
+    rep = abstention_on_controls(items, conf, calibration)
+    n = int(mask.sum())
+    assert rep["n"] == n and sum(rep["kinds"].values()) == n
+    assert rep["targets"]["0.05"]["abstention"] == 1.0
+    assert rep["targets"]["0.2"]["abstention"] == pytest.approx((n - 1) / n)
+    assert rep["targets"]["0.3"]["abstention"] == 0.0
+    low = rep["targets"]["0.2"]["abstention_lower_bound"]
+    assert 0 < low < (n - 1) / n
+    with pytest.raises(ValueError, match="shape"):
+        abstention_on_controls(items, conf[:-1], calibration)
+
+
+def test_cli_data_with_real_sources_reports_a_missing_package_in_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    from training.cli import main
+
+    gone = dataclasses.replace(src.PACKAGES["openttd-opensfx"], probe="no/such/opensfx.cat")
+    monkeypatch.setitem(src.PACKAGES, "openttd-opensfx", gone)
+    args = ["data", "--real-sources", "--out", str(tmp_path / "d"), "--size", "test_real=4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "openttd-opensfx" in err and "apt-get install" in err

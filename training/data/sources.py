@@ -71,8 +71,9 @@ CATEGORIES = ("animal", "machine", "instrument", "voice", "other")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-class MissingPackageError(RuntimeError):
-    """A source package (or the tool that renders it) is not installed."""
+class MissingPackageError(FileNotFoundError):
+    """A source package (or the tool that renders it) is not installed (the CLI reports it in
+    one line, exit 2, as it does every missing input)."""
 
 
 @dataclass(frozen=True)
