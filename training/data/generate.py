@@ -63,6 +63,10 @@ REAL_FAMILY_NAMES = (
     "count_real",
     "loudness_real",
     "pitch_real",
+    "order_real",
+    "presence_real",
+    "timing_real",
+    "duration_real",
 )
 # Fields that exist only for real sources: dropped from the fingerprinted content when off, so
 # the synthetic benchmark's fingerprints and dataset.json stay what they were before them.
@@ -313,7 +317,10 @@ def _unrelated_categories(family: str) -> tuple[str, ...]:
         return ()  # any real sound answers these: only silence / noise controls
     if family == "spoken_number":
         return ("animal", "machine", "instrument")
-    if family in ("count_real", "loudness_real", "pitch_real"):
+    if family in (
+        "count_real", "loudness_real", "pitch_real", "order_real", "presence_real",
+        "timing_real", "duration_real",
+    ):  # fmt: skip
         return ("voice",)
     return ("animal", "voice")  # synthetic families: no beeps, chirps, noise bursts or tones
 

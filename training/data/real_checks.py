@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.data.checks import check_loudness, segments
-from training.data.families import Example
+from training.data.checks import check_duration, check_loudness, segments
+from training.data.families import TIMING_CHOICES, Example
 from training.data.real_families import KIND_CHOICES
 from training.data.scene import load_recording, render
 from training.data.signals import SR
@@ -159,6 +159,35 @@ def check_pitch_real(ex: Example, ident: Identifier) -> str:
     return "rising" if pitch_shift_semitones(body(segs[0]), body(segs[-1])) > 0 else "falling"
 
 
+def check_order_real(ex: Example, ident: Identifier) -> str:
+    heard = ident.heard(ex)
+    if not heard:
+        raise ValueError("no indexed recording identified in the clip")
+    q = ex.question.lower()
+    return heard[0].label if "first" in q else heard[-1].label
+
+
+def check_presence_real(ex: Example, ident: Identifier) -> str:
+    q = ex.question.lower()
+    named = [c for c in {r.label for r in ident.recordings} if f"a {c} " in q or f"a {c}?" in q]
+    if not named:
+        raise ValueError(f"no indexed label named in {ex.question!r}")
+    target = max(named, key=len)
+    return "yes" if any(r.label == target for r in ident.heard(ex)) else "no"
+
+
+def check_timing_real(ex: Example, ident: Identifier) -> str:
+    x = render(ex.scene, bed=False)
+    segs = segments(x)
+    if not segs:
+        raise ValueError("nothing audible")
+    rec, _ = ident.identify(x, segs[0][0])
+    if rec is None or rec.label not in ex.question.lower():
+        raise ValueError("the named sound is not the one heard")
+    mid = (segs[0][0] + segs[-1][1]) / 2 / SR
+    return TIMING_CHOICES[int(np.clip(mid / (ex.scene.duration_s / 3), 0, 2))]
+
+
 REAL_CHECKERS = {
     "sound_class": check_sound_class,
     "source_kind": check_source_kind,
@@ -167,6 +196,10 @@ REAL_CHECKERS = {
     "count_real": check_count_real,
     "loudness_real": lambda ex, ident: check_loudness(ex),
     "pitch_real": check_pitch_real,
+    "order_real": check_order_real,
+    "presence_real": check_presence_real,
+    "timing_real": check_timing_real,
+    "duration_real": lambda ex, ident: check_duration(ex),
 }
 
 

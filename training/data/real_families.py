@@ -16,6 +16,10 @@ Families:
   count_real       how many times a named real sound is heard (1-4)
   loudness_real    which of two plays of a real sound is louder (or quieter)
   pitch_real       do 3-4 notes of a sampled instrument rise or fall
+  order_real       which of 2-3 different real sounds comes first / last
+  presence_real    is a named real sound among 1-3 others, yes / no
+  timing_real      is a named real sound near the start, in the middle or near the end
+  duration_real    which of two held notes of a sampled instrument lasts longer (or shorter)
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import numpy as np
 
 from training.data.families import (
     NUMBER_WORDS,
+    TIMING_CHOICES,
+    TIMING_CLIP_S,
     TWO_SLOT_CLIP_S,
     TWO_SLOT_SPACING_S,
     Context,
@@ -71,6 +77,20 @@ class Pool:
     def distractors(self) -> dict[str, list[str]]:
         """{recording key: compatible distractor labels} for the nameable recordings."""
         return {r.key: compatible_distractors(r, self.recordings) for r in self.of(*NAMEABLE)}
+
+    @cached_property
+    def sustained(self) -> list[Recording]:
+        """Instrument notes that hold their level for their first second (organ, strings, wind;
+        not a decaying piano): cut short, such a note sounds exactly as long as it is cut."""
+        out = []
+        for r in self.of("instrument"):
+            if r.note < 0 or r.duration_s < 1.0:
+                continue
+            x = load_recording(self.library.path(r))[:16_000]
+            env = np.sqrt((x[: 100 * 160].reshape(100, 160) ** 2).mean(axis=1))  # 10 ms frames
+            if env[5:].min() > env.max() * 10 ** (-12 / 20):
+                out.append(r)
+        return out
 
     @cached_property
     def short(self) -> list[Recording]:
@@ -367,6 +387,132 @@ def pitch_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
     return Example(scene, mix, q, ("rising", "falling"), "rising" if rising else "falling", params)
 
 
+def _distinct(rng: np.random.Generator, pool: Pool, k: int, recs: list[Recording]):
+    """k recordings of k different labels, no two of one kin or sharing a word (each play can
+    be named without doubt)."""
+    out: list[Recording] = []
+    for _ in range(60):
+        if len(out) == k:
+            break
+        r = _pick(rng, recs)
+        if all(
+            r.kin != o.kin and not set(r.label.split()) & set(o.label.split()) for o in out
+        ):
+            out.append(r)
+    if len(out) < k:
+        raise ValueError(f"could not draw {k} distinct sounds from this split")
+    return out
+
+
+def order_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
+    """Which of 2-3 different real sounds comes first / last; plays on a grid, never touching."""
+    k = 3 if ctx.level >= 0.5 and rng.random() < 0.5 else 2
+    recs = _distinct(rng, pool, k, _short(pool))
+    durs = [_dur(r, COUNT_EVENT_MAX_S) for r in recs]
+    spacing = ramp(1.3, 0.9, ctx.level)
+    onsets, total = slot_layout(rng, durs, spacing, ctx)
+    b = SceneBuilder(total, ctx.bed)
+    for i, (r, o, d) in enumerate(zip(recs, onsets, durs, strict=True)):
+        b.add(_event(r, pool, o, d, f"pos{i}"), snr_db=ctx.snr_db)
+    scene, mix = b.finish(_peak(rng))
+    ask = "first" if rng.random() < 0.5 else "last"
+    q, t = _template(
+        rng,
+        (f"Which sound comes {ask}?", f"Which of these sounds is heard {ask}?"),
+    )
+    answer = recs[0].label if ask == "first" else recs[-1].label
+    choices = tuple(sorted(r.label for r in recs))
+    return Example(scene, mix, q, choices, answer, _params(recs, ask=ask, template=float(t)))
+
+
+def presence_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
+    """Is a named real sound present among 1-3 other, distinct sounds."""
+    present = rng.random() < 0.5
+    n_other = 1 + int(rng.random() < 0.5) + int(ctx.level > 0.5)
+    drawn = _distinct(rng, pool, n_other + 1, _short(pool))
+    target, others = drawn[0], drawn[1:]
+    recs = list(others)
+    if present:
+        recs.insert(int(rng.integers(0, len(recs) + 1)), target)
+    durs = [_dur(r, COUNT_EVENT_MAX_S) for r in recs]
+    gaps = [float(rng.uniform(0.35, 0.6)) for _ in recs[1:]]
+    onsets, total = layout(rng, durs, gaps, ctx)
+    b = SceneBuilder(total, ctx.bed)
+    for r, o, d in zip(recs, onsets, durs, strict=True):
+        b.add(_event(r, pool, o, d, "target" if r is target else "other"), snr_db=ctx.snr_db)
+    scene, mix = b.finish(_peak(rng))
+    q, t = _template(
+        rng,
+        (
+            "Is there a {lab} sound in the recording?",
+            "Can you hear a {lab}?",
+            "Does the clip contain the sound of a {lab}?",
+        ),
+        lab=target.label,
+    )
+    answer = "yes" if present else "no"
+    return Example(scene, mix, q, ("yes", "no"), answer, _params(recs, template=float(t)))
+
+
+def timing_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
+    """When a named real sound plays: which third of the clip holds its midpoint."""
+    total = max(TIMING_CLIP_S, ctx.min_duration_s)
+    width = total / 3
+    rec = _pick(rng, _short(pool))
+    dur = _dur(rec, COUNT_EVENT_MAX_S)
+    third = int(rng.integers(3))
+    reach = ramp(0.08, 0.35, ctx.level) * width
+    mid = width * (third + 0.5) + float(rng.uniform(-reach, reach))
+    mid = min(max(mid, dur / 2 + 0.05), total - dur / 2 - 0.05)
+    b = SceneBuilder(round(total, 3), ctx.bed)
+    b.add(_event(rec, pool, mid - dur / 2, dur, "target"), snr_db=ctx.snr_db)
+    scene, mix = b.finish(_peak(rng))
+    q, t = _template(
+        rng,
+        (
+            "When is the {lab} heard?",
+            "Is the {lab} heard near the start, in the middle or near the end?",
+            "At what point in the recording do you hear the {lab}?",
+        ),
+        lab=rec.label,
+    )
+    params = _params([rec], offset_frac=abs(mid / width - third - 0.5), template=float(t))
+    return Example(scene, mix, q, TIMING_CHOICES, TIMING_CHOICES[third], params)
+
+
+def duration_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
+    """Which of two held notes of one sampled instrument lasts longer (or shorter); the length
+    ratio sets difficulty (3x easy, 1.15x at the hardest); both at the same gain."""
+    rec = _pick(rng, pool.sustained)
+    ratio = max(1.1, ramp(3.0, 1.15, ctx.level) * float(rng.uniform(0.95, 1.05)))
+    short = float(rng.uniform(0.3, 1.0 / ratio))
+    first_longer = rng.random() < 0.5
+    durs = [short * ratio, short] if first_longer else [short, short * ratio]
+    clip = max(TWO_SLOT_CLIP_S, ctx.min_duration_s)
+    onsets, total = slot_layout(rng, durs, TWO_SLOT_SPACING_S, ctx, clip)
+    b = SceneBuilder(total, ctx.bed)
+    first = b.add(_event(rec, pool, onsets[0], durs[0], "first"), snr_db=ctx.snr_db)
+    b.add(_event(rec, pool, onsets[1], durs[1], "second", gain=first.gain))
+    scene, mix = b.finish(_peak(rng))
+    templates = (
+        ("Which {lab} note lasts longer, the first or the second?", "longer"),
+        ("Is the first or the second {lab} note longer?", "longer"),
+        ("Which of the two {lab} notes is shorter?", "shorter"),
+    )
+    t = int(rng.integers(len(templates)))
+    text, ask = templates[t]
+    answer_first = first_longer if ask == "longer" else not first_longer
+    params = _params([rec], ratio=ratio, ask=ask, template=float(t))
+    return Example(
+        scene,
+        mix,
+        text.format(lab=rec.label),
+        ("the first", "the second"),
+        "the first" if answer_first else "the second",
+        params,
+    )
+
+
 RealFamilyFn = Callable[[np.random.Generator, Context, Pool], Example]
 
 REAL_FAMILIES: dict[str, RealFamilyFn] = {
@@ -377,7 +523,22 @@ REAL_FAMILIES: dict[str, RealFamilyFn] = {
     "count_real": count_real,
     "loudness_real": loudness_real,
     "pitch_real": pitch_real,
+    "order_real": order_real,
+    "presence_real": presence_real,
+    "timing_real": timing_real,
+    "duration_real": duration_real,
 }
+
+
+def _has_distinct(pool: Pool, k: int) -> bool:
+    """Whether k short recordings of pairwise different kins and words exist (greedy)."""
+    chosen: list[Recording] = []
+    for r in _short(pool):
+        if all(r.kin != o.kin and not set(r.label.split()) & set(o.label.split()) for o in chosen):
+            chosen.append(r)
+            if len(chosen) == k:
+                return True
+    return False
 
 
 def feasible(name: str, pool: Pool) -> bool:
@@ -396,4 +557,10 @@ def feasible(name: str, pool: Pool) -> bool:
         return bool(_short(pool))
     if name == "pitch_real":
         return bool(pool.notes())
+    if name in ("order_real", "presence_real"):
+        return _has_distinct(pool, 3)
+    if name == "timing_real":
+        return bool(_short(pool))
+    if name == "duration_real":
+        return bool(pool.sustained)
     raise ValueError(f"unknown real family {name!r}")

@@ -49,7 +49,7 @@ import soundfile as sf
 
 from training.data.signals import SR, fade
 
-LIBRARY_VERSION = 3  # bump when decoding / trimming / pooling changes
+LIBRARY_VERSION = 4  # bump when decoding / trimming / pooling changes
 MAX_RECORDING_S = 4.0  # longer recordings are cut (an event never needs more)
 MIN_RECORDING_S = 0.08
 FORBIDDEN_PACKAGES = ("sound-theme-freedesktop", "alsa-utils")
@@ -420,8 +420,8 @@ def _read_opensfx(pkg: Package, root: Path, cfg: SourceConfig) -> Iterator[Raw]:
         m = re.match(r'"([^"]*)"', title)
         name = (m.group(1) if m else title).lower()
         hit = next(((c, lab) for kw, c, lab in OPENSFX_CLASSES if kw in name), None)
-        if hit is None or len(wav) <= 44:
-            continue
+        if hit is None or len(wav) <= 44 or name.startswith("toyland"):
+            continue  # no nameable class, empty, or a cartoon remix of another entry
         orig = re.search(r'Original "([^"]+)"', title)
         group = f"{pkg.name}:{(orig.group(1) if orig else name).lower()}"
 
