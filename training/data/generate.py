@@ -70,7 +70,14 @@ REAL_FAMILY_NAMES = (
 )
 # Fields that exist only for real sources: dropped from the fingerprinted content when off, so
 # the synthetic benchmark's fingerprints and dataset.json stay what they were before them.
-REAL_FIELDS = ("real_sources", "real_families", "real_packages", "test_real_control_fraction")
+REAL_FIELDS = (
+    "real_sources",
+    "real_families",
+    "real_packages",
+    "test_real_control_fraction",
+    "real_bed_fraction",
+)
+BED_LABELS = ("wind", "applause", "crowd")  # non-voice recordings that make a background
 SHIFT_SPLITS = frozenset({"test_shift"})
 IN_BEDS = (("white", 0.0), ("pink", 1.0), ("brown", 2.0))  # (kind, spectral exponent)
 SHIFT_BEDS = ("hum", "babble")  # never seen outside the shift split
@@ -107,6 +114,9 @@ class BenchmarkConfig:
     real_families: tuple[str, ...] = REAL_FAMILY_NAMES  # which real families (real_sources)
     real_packages: tuple[str, ...] = DEFAULT_PACKAGES  # source packages (sources.PACKAGES)
     test_real_control_fraction: float = 0.15  # test_real: at least this share are controls
+    # Share of synthetic-family items (not noise_type / speech) whose bed is a real recording of the
+    # split's pool (speech, crowd, wind, applause) instead of coloured noise (real_sources).
+    real_bed_fraction: float = 0.25
     sources_root: str = "/"  # where the packages are installed (tests: a fixture root)
     workers: int = 1  # processes rendering items (results do not depend on it)
 
@@ -163,6 +173,8 @@ class BenchmarkConfig:
             SourceConfig(packages=self.real_packages, root=self.sources_root)  # validates
         if not 0.0 <= self.test_real_control_fraction <= 1.0:
             raise ValueError("test_real_control_fraction outside [0, 1]")
+        if not 0.0 <= self.real_bed_fraction <= 1.0:
+            raise ValueError("real_bed_fraction outside [0, 1]")
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -352,6 +364,11 @@ def _control_real(
     return dataclasses.replace(ex, scene=scene, mix=mix, params=params)
 
 
+def _real_beds(pool) -> list:
+    """Recordings of a pool that can be a clip's background: speech, crowd, wind, applause."""
+    return [r for r in pool.recordings if r.category == "voice" or r.label in BED_LABELS]
+
+
 def _draw_bed(rng: np.random.Generator, shift: bool) -> Bed:
     seed = int(rng.integers(2**31 - 1))
     if shift:
@@ -387,6 +404,13 @@ def generate_item(
     snr -= cfg.shift_snr_drop_db if shift else 0.0
     timbre = str(rng.choice(TIMBRES_SHIFT)) if shift else "sine"
     bed = _draw_bed(rng, shift)
+    bed_rec = None
+    if cfg.real_sources and family not in (*REAL_FAMILY_NAMES, "noise_type", "speech"):
+        # drawn after every draw above, and only with real sources: synthetic configs keep theirs
+        beds = _real_beds(_pool(_need_library(cfg, library), split))
+        if rng.random() < cfg.real_bed_fraction and beds:
+            bed_rec = beds[int(rng.integers(len(beds)))]
+            bed = Bed("recording", seed=int(rng.integers(2**31 - 1)), source=library.path(bed_rec))
     ctx = fam.Context(level, snr, timbre, bed, shift, cfg.min_duration_s, cfg.max_duration_s)
     control_fraction = cfg.control_fraction
     if family in REAL_FAMILY_NAMES:
@@ -398,6 +422,8 @@ def generate_item(
         ex = REAL_FAMILIES[family](rng, ctx, pool)
     else:
         ex = fam.FAMILIES[family](rng, ctx)
+    if bed_rec is not None:
+        ex.params = {**ex.params, "recordings": bed_rec.key, "packages": bed_rec.package}
     if split in REAL_SPLITS:
         control_fraction = max(control_fraction, cfg.test_real_control_fraction)
     out_family = family

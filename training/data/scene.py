@@ -67,7 +67,7 @@ class Bed:
     alpha: float = 0.0  # spectral exponent of coloured noise (white 0, pink 1, brown 2)
     seed: int = 0
     level: float = 1.0
-    source: str = ""  # recording: path of its decoded 16 kHz WAV, looped to the clip's length
+    source: str = ""  # recording: its decoded 16 kHz WAV, looped, over a faint pink floor
 
     def __post_init__(self) -> None:
         if self.kind not in BED_KINDS:
@@ -134,7 +134,10 @@ def render_bed(bed: Bed, n: int) -> np.ndarray:
     elif bed.kind == "recording":
         rec = load_recording(bed.source)
         start = int(rng.integers(len(rec)))  # loop from a seeded offset
-        x = signals.unit_rms(np.resize(np.roll(rec, -start), n))
+        loop = signals.unit_rms(np.resize(np.roll(rec, -start), n))
+        # A faint pink floor (-20 dB): no band is empty, so the band-SNR rule never sets an
+        # event's gain against nothing (a telephone voice has no energy above 4 kHz).
+        x = signals.unit_rms(loop + 0.1 * signals.coloured_noise(n, 1.0, rng))
     else:
         x = signals.coloured_noise(n, bed.alpha, rng)
     return x * bed.level
