@@ -413,3 +413,23 @@ def test_synthetic_families_over_real_beds_keep_their_labels(cfg, library):
         assert gen.example.scene.bed.kind == "recording"
         assert pool_of[gen.item.difficulty["recordings"]] == "calib"
         assert check_answer(family, gen.example) == gen.example.answer, gen.item
+
+
+def test_real_families_fit_the_clip_length_with_the_longest_recordings(library):
+    from training.data.families import Context
+    from training.data.real_families import REAL_FAMILIES, Pool, feasible
+    from training.data.scene import Bed
+
+    long = tuple(r for r in library.recordings if r.duration_s > 2.0)
+    assert {r.category for r in long} >= {"voice", "machine"}
+    pool = Pool(library, long)
+    ctx = Context(0.9, 10.0, "sine", Bed("white", seed=0), max_duration_s=6.0)
+    tried = 0
+    for name, fn in REAL_FAMILIES.items():
+        if not feasible(name, pool):
+            continue
+        for seed in range(40):
+            ex = fn(np.random.default_rng(seed), ctx, pool)
+            assert ex.scene.duration_s <= 6.0
+            tried += 1
+    assert tried >= 3 * 40

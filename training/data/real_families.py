@@ -176,8 +176,10 @@ def compatible_distractors(answer: Recording, recs: list[Recording]) -> list[str
 def _single(rng, ctx: Context, pool: Pool, rec: Recording, others: list[Recording] = ()):
     """One recording (and optionally others after it) laid out over the item's bed."""
     recs = [rec, *others]
-    durs = [_dur(r, EVENT_MAX_S) for r in recs]
     gaps = [float(rng.uniform(0.3, 0.6)) for _ in recs[1:]]
+    # layout's margins take up to 1 s: what is left is shared by the recordings
+    cap = min(EVENT_MAX_S, (ctx.max_duration_s - 1.0 - sum(gaps)) / len(recs))
+    durs = [_dur(r, cap) for r in recs]
     onsets, total = layout(rng, durs, gaps, ctx)
     b = SceneBuilder(total, ctx.bed)
     for i, (r, o, d) in enumerate(zip(recs, onsets, durs, strict=True)):
@@ -294,7 +296,7 @@ def count_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
     rec = _pick(rng, _short(pool))
     n = int(rng.integers(1, 5))
     dur = _dur(rec, COUNT_EVENT_MAX_S)
-    gaps = [float(rng.uniform(ramp(0.6, 0.35, d), ramp(0.9, 0.5, d))) for _ in range(n - 1)]
+    gaps = [float(rng.uniform(ramp(0.6, 0.35, d), ramp(0.8, 0.5, d))) for _ in range(n - 1)]
     onsets, total = layout(rng, [dur] * n, gaps, ctx)
     b = SceneBuilder(total, ctx.bed)
     first = b.add(_event(rec, pool, onsets[0], dur, "target"), snr_db=ctx.snr_db)

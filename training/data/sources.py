@@ -858,13 +858,14 @@ def write_fixture_root(root: Path, spec: FixtureSpec | None = None) -> Path:
         put(stamps / "symbols/math" / f"{d}.ogg", _wav(_fixture_sound(100 + d, 0.5, "voice")))
     entries = []
     for i, title in enumerate(spec.sfx):
-        entries.append((title, _wav(_fixture_sound(200 + i, 0.8, "noise"), 22050)))
+        seconds = 3.5 if i == 2 else 0.8  # one long sound: layouts must fit it with another
+        entries.append((title, _wav(_fixture_sound(200 + i, seconds, "noise"), 22050)))
     write_cat(root / PACKAGES["openttd-opensfx"].probe, entries)
     ast = root / PACKAGES["asterisk-core-sounds-en-wav"].probe
     for d in range(10):
         put(ast / "digits" / f"{d}.wav", _wav(_fixture_sound(300 + d, 0.5, "voice"), 8000))
     for i, p in enumerate(spec.prompts):
-        put(ast / f"{p}.wav", _wav(_fixture_sound(400 + i, 0.9, "voice"), 8000))
+        put(ast / f"{p}.wav", _wav(_fixture_sound(400 + i, 3.5 if i == 0 else 0.9, "voice"), 8000))
     for rel, data in spec.extra.items():
         put(root / rel, data)
     return root
