@@ -191,16 +191,7 @@ def test_missing_package_names_it_and_the_install_command(tmp_path, monkeypatch)
     fake = src.write_fixture_root(tmp_path / "r")
     shutil.rmtree(fake / "usr/share/asterisk")
     cfg = BenchmarkConfig(
-        seed=0,
-        pretrain=2,
-        train=2,
-        calib=2,
-        test=2,
-        test_shift=2,
-        test_real=2,
-        real_sources=True,
-        real_packages=src.FIXTURE_PACKAGES,
-        sources_root=str(fake),
+        real_sources=True, real_packages=src.FIXTURE_PACKAGES, sources_root=str(fake)
     )
     with pytest.raises(src.MissingPackageError) as err:
         generate_benchmark(cfg, tmp_path / "ds", progress=False)

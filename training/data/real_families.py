@@ -316,8 +316,33 @@ def count_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
     return Example(scene, mix, q, NUMBER_WORDS[1:5], NUMBER_WORDS[n], params)
 
 
+def _first_or_second(
+    rng: np.random.Generator,
+    scene,
+    mix: np.ndarray,
+    templates: tuple[tuple[str, bool], ...],
+    label: str,
+    first_is_more: bool,
+    params: dict,
+) -> Example:
+    """A "the first / the second" question: a template (text, asks for the "more" side: louder,
+    longer) phrased about `label`; the answer follows which play has more."""
+    t = int(rng.integers(len(templates)))
+    text, asks_more = templates[t]
+    answer_first = first_is_more if asks_more else not first_is_more
+    params = {**params, "ask": "more" if asks_more else "less", "template": float(t)}
+    return Example(
+        scene,
+        mix,
+        text.format(lab=label),
+        ("the first", "the second"),
+        "the first" if answer_first else "the second",
+        params,
+    )
+
+
 def loudness_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
-    """Which of two plays of the same real sound is louder (24 dB easy, 1 dB at the hardest)."""
+    """Which of two plays of the same real sound is louder (20 dB easy, 1 dB at the hardest)."""
     d = ctx.level
     rec = _pick(rng, _short(pool))
     diff_db = ramp(20.0, 1.0, d) * float(rng.uniform(0.85, 1.15))
@@ -336,22 +361,12 @@ def loudness_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example
         b.add(ev)
     scene, mix = b.finish(_peak(rng))
     templates = (
-        ("Which {lab} sound is louder, the first or the second?", "louder"),
-        ("Is the first or the second {lab} louder?", "louder"),
-        ("Which of the two {lab} sounds is quieter?", "quieter"),
+        ("Which {lab} sound is louder, the first or the second?", True),
+        ("Is the first or the second {lab} louder?", True),
+        ("Which of the two {lab} sounds is quieter?", False),
     )
-    t = int(rng.integers(len(templates)))
-    text, ask = templates[t]
-    answer_first = first_louder if ask == "louder" else not first_louder
-    params = _params([rec], level_diff_db=diff_db, ask=ask, template=float(t))
-    return Example(
-        scene,
-        mix,
-        text.format(lab=rec.label),
-        ("the first", "the second"),
-        "the first" if answer_first else "the second",
-        params,
-    )
+    params = _params([rec], level_diff_db=diff_db)
+    return _first_or_second(rng, scene, mix, templates, rec.label, first_louder, params)
 
 
 def pitch_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
@@ -497,22 +512,12 @@ def duration_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example
     b.add(_event(rec, pool, onsets[1], durs[1], "second", gain=first.gain))
     scene, mix = b.finish(_peak(rng))
     templates = (
-        ("Which {lab} note lasts longer, the first or the second?", "longer"),
-        ("Is the first or the second {lab} note longer?", "longer"),
-        ("Which of the two {lab} notes is shorter?", "shorter"),
+        ("Which {lab} note lasts longer, the first or the second?", True),
+        ("Is the first or the second {lab} note longer?", True),
+        ("Which of the two {lab} notes is shorter?", False),
     )
-    t = int(rng.integers(len(templates)))
-    text, ask = templates[t]
-    answer_first = first_longer if ask == "longer" else not first_longer
-    params = _params([rec], ratio=ratio, ask=ask, template=float(t))
-    return Example(
-        scene,
-        mix,
-        text.format(lab=rec.label),
-        ("the first", "the second"),
-        "the first" if answer_first else "the second",
-        params,
-    )
+    params = _params([rec], ratio=ratio)
+    return _first_or_second(rng, scene, mix, templates, rec.label, first_longer, params)
 
 
 RealFamilyFn = Callable[[np.random.Generator, Context, Pool], Example]
