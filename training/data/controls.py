@@ -79,8 +79,6 @@ def abstention_on_controls(
             "threshold": None if not np.isfinite(thr) else thr,
             "abstention": k / n if n else None,
             "abstention_lower_bound": _lower_bound(k, n, delta),
-            "by_kind": {
-                kind: float(np.mean(withheld[mask & (kinds == kind)])) for kind in present
-            },
+            "by_kind": {kind: float(np.mean(withheld[mask & (kinds == kind)])) for kind in present},
         }
     return report

@@ -412,9 +412,7 @@ def _distinct(rng: np.random.Generator, pool: Pool, k: int, recs: list[Recording
         if len(out) == k:
             break
         r = _pick(rng, recs)
-        if all(
-            r.kin != o.kin and not set(r.label.split()) & set(o.label.split()) for o in out
-        ):
+        if all(r.kin != o.kin and not set(r.label.split()) & set(o.label.split()) for o in out):
             out.append(r)
     if len(out) < k:
         raise ValueError(f"could not draw {k} distinct sounds from this split")

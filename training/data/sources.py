@@ -320,7 +320,7 @@ def _read_tuxpaint(pkg: Package, root: Path, cfg: SourceConfig) -> Iterator[Raw]
             text = ""
             txt = stamp.with_suffix(".txt")
             if lang == "" and txt.is_file():
-                text = txt.read_text(errors="replace").splitlines()[0].strip()
+                text = (txt.read_text(errors="replace").splitlines() or [""])[0].strip()
             group = f"{pkg.name}:{(path.parent.relative_to(base) / m.group(1)).as_posix()}"
             label = f"speech ({lang or 'en'})"
             yield Raw(
