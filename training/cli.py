@@ -23,9 +23,9 @@ from pathlib import Path
 
 def _split_sizes(specs: list[str] | None) -> dict[str, int]:
     """["pretrain=6000", ...] -> {"pretrain": 6000}; a malformed spec is a ConfigError."""
-    from training.data.generate import SPLITS
+    from training.data.generate import REAL_SPLITS, SPLITS
 
-    return _name_counts(specs, "--size", "SPLIT", SPLITS)
+    return _name_counts(specs, "--size", "SPLIT", (*SPLITS, *REAL_SPLITS))
 
 
 def _pretrain_weights(specs: list[str] | None) -> dict[str, int]:
@@ -60,6 +60,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         seed=args.seed,
         workers=args.workers,
         pretrain_weights=_pretrain_weights(args.pretrain_weight),
+        real_sources=args.real_sources,
         **_split_sizes(args.size),
     )
     out = generate_benchmark(cfg, Path(args.out))
@@ -236,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="give FAMILY K times the items of the others in `pretrain`",
     )
     d.add_argument("--workers", type=int, default=1, help="rendering processes")
+    d.add_argument(
+        "--real-sources",
+        action="store_true",
+        help="add the real-recording families and test_real (docs/real_sounds.md)",
+    )
     d.set_defaults(func=cmd_data)
 
     b = sub.add_parser("build-base", help="assemble the embedded default's base model")

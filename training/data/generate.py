@@ -12,6 +12,14 @@ writes the dataset layout of `manifest.py` with five splits:
   test_shift  distribution shift: held-out noise beds (hum, babble), SNR lowered by
               `shift_snr_drop_db`, square/sawtooth timbres instead of sines
 
+With `real_sources=True` (off by default: the synthetic splits above are then byte-identical to a
+config without the real-recording fields) the families of `real_families.py` join every split's
+rotation, drawing recordings from the split's own pool of the library built by `sources.py`
+(under `<out>/sources`), and a sixth split is written:
+
+  test_real   real-recording families only, from packages never heard in training, with
+              `test_real_control_fraction` control items (silence, noise, unrelated recordings)
+
 Every item draws its randomness from `SeedSequence([seed, split code, index])`, so an item does
 not depend on generation order or worker count, and the same config gives byte-identical WAVs
 and manifests. Families rotate with the index (balanced; `pretrain_weights` gives chosen families
@@ -38,12 +46,38 @@ import soundfile as sf
 from tqdm import tqdm
 
 from training.data import families as fam
+from training.data.families import NUMBER_WORDS
 from training.data.manifest import SAMPLE_RATE, Item, manifest_path, read_manifest, write_manifest
 from training.data.scene import Bed, SceneBuilder
 from training.data.signals import TIMBRES_SHIFT
+from training.data.sources import DEFAULT_PACKAGES, PACKAGES, Library, SourceConfig
 
 GENERATOR_VERSION = 2  # bump when rendering changes: invalidates resumable splits
 SPLITS = ("pretrain", "train", "calib", "test", "test_shift")
+REAL_SPLITS = ("test_real",)  # written only with real_sources
+REAL_FAMILY_NAMES = (
+    "sound_class",
+    "source_kind",
+    "speech_presence",
+    "spoken_number",
+    "count_real",
+    "loudness_real",
+    "pitch_real",
+    "order_real",
+    "presence_real",
+    "timing_real",
+    "duration_real",
+)
+# Fields that exist only for real sources: dropped from the fingerprinted content when off, so
+# the synthetic benchmark's fingerprints and dataset.json stay what they were before them.
+REAL_FIELDS = (
+    "real_sources",
+    "real_families",
+    "real_packages",
+    "test_real_control_fraction",
+    "real_bed_fraction",
+)
+BED_LABELS = ("wind", "applause", "crowd")  # non-voice recordings that make a background
 SHIFT_SPLITS = frozenset({"test_shift"})
 IN_BEDS = (("white", 0.0), ("pink", 1.0), ("brown", 2.0))  # (kind, spectral exponent)
 SHIFT_BEDS = ("hum", "babble")  # never seen outside the shift split
@@ -73,6 +107,17 @@ class BenchmarkConfig:
     max_duration_s: float = 6.0  # and never longer than this (hard cap 10 s)
     control_fraction: float = 0.0  # share of items whose audio is silence / unrelated noise
     speech: bool = False  # add the `speech` family when espeak-ng is installed
+    # Real recordings (sources.py): off by default. On, the real families join every split and
+    # the test_real split is written; the packages must be installed (`bin/setup --system`).
+    real_sources: bool = False
+    test_real: int = 400  # items of test_real (only with real_sources)
+    real_families: tuple[str, ...] = REAL_FAMILY_NAMES  # which real families (real_sources)
+    real_packages: tuple[str, ...] = DEFAULT_PACKAGES  # source packages (sources.PACKAGES)
+    test_real_control_fraction: float = 0.15  # test_real: at least this share are controls
+    # Share of synthetic-family items (not noise_type / speech) whose bed is a real recording of the
+    # split's pool (speech, crowd, wind, applause) instead of coloured noise (real_sources).
+    real_bed_fraction: float = 0.25
+    sources_root: str = "/"  # where the packages are installed (tests: a fixture root)
     workers: int = 1  # processes rendering items (results do not depend on it)
 
     def __post_init__(self) -> None:
@@ -116,28 +161,94 @@ class BenchmarkConfig:
             raise ValueError("max_duration_s below 6 s cannot fit every family's layout")
         if self.workers < 1:
             raise ValueError("workers must be >= 1")
+        for name in ("real_families", "real_packages"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.test_real, int) or self.test_real < 0:
+            raise ValueError(f"split size test_real={self.test_real!r} must be >= 0")
+        if self.real_sources:
+            bad = [f for f in self.real_families if f not in REAL_FAMILY_NAMES]
+            if bad or not self.real_families:
+                raise ValueError(f"real_families {bad or '()'}: choose from {REAL_FAMILY_NAMES}")
+            SourceConfig(packages=self.real_packages, root=self.sources_root)  # validates
+        if not 0.0 <= self.test_real_control_fraction <= 1.0:
+            raise ValueError("test_real_control_fraction outside [0, 1]")
+        if not 0.0 <= self.real_bed_fraction <= 1.0:
+            raise ValueError("real_bed_fraction outside [0, 1]")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits this config writes: SPLITS, and test_real with real_sources."""
+        return (*SPLITS, *REAL_SPLITS) if self.real_sources else SPLITS
 
     @property
     def split_sizes(self) -> dict[str, int]:
-        """{split: number of items}, in SPLITS order."""
-        return {s: getattr(self, s) for s in SPLITS}
+        """{split: number of items}, in `splits` order."""
+        return {s: getattr(self, s) for s in self.splits}
+
+    @property
+    def source_config(self) -> SourceConfig:
+        return SourceConfig(packages=self.real_packages, root=self.sources_root)
 
     def content_dict(self) -> dict[str, Any]:
         """The fields that change every split's data (no split sizes, no workers, and no
         `pretrain_weights`: they change `pretrain` alone, see `split_fingerprint`)."""
         d = dataclasses.asdict(self)
-        for k in (*SPLITS, "workers", "pretrain_weights"):
+        for k in (*SPLITS, *REAL_SPLITS, "workers", "pretrain_weights", "sources_root"):
             d.pop(k)
         d["families"] = list(self.families)
+        if not self.real_sources:
+            for k in REAL_FIELDS:
+                d.pop(k)
+        else:
+            d["real_families"] = list(self.real_families)
+            d["real_packages"] = list(self.real_packages)
         return d
 
 
-def family_cycle(cfg: BenchmarkConfig, split: str) -> tuple[str, ...]:
-    """The families that item i of `split` rotates through (item i: cycle[i % len(cycle)])."""
+def family_cycle(
+    cfg: BenchmarkConfig, split: str, library: Library | None = None
+) -> tuple[str, ...]:
+    """The families that item i of `split` rotates through (item i: cycle[i % len(cycle)]).
+    With real_sources, the real families the split's pool can feed follow the synthetic ones
+    (test_real: only they)."""
     names = active_families(cfg)
+    if cfg.real_sources:
+        real = real_cycle(cfg, split, _need_library(cfg, library))
+        names = real if split in REAL_SPLITS else (*names, *real)
     if split != "pretrain":
         return names
     return tuple(f for f in names for _ in range(cfg.pretrain_weights.get(f, 1)))
+
+
+def _need_library(cfg: BenchmarkConfig, library: Library | None) -> Library:
+    if library is None:
+        raise ValueError(
+            "real_sources is on: pass the library (sources.build_library(cfg.source_config, "
+            "dir)); generate_benchmark builds it under <out>/sources"
+        )
+    return library
+
+
+def _pool(library: Library, split: str):
+    """The split's pool of recordings (cached per library and split: distractor tables)."""
+    from training.data.real_families import Pool
+
+    key = (library.root, library.fingerprint, split)
+    if key not in _POOLS:
+        _POOLS[key] = Pool.for_split(library, split)
+    return _POOLS[key]
+
+
+_POOLS: dict = {}
+
+
+def real_cycle(cfg: BenchmarkConfig, split: str, library: Library) -> tuple[str, ...]:
+    """cfg.real_families that the split's pool holds enough recordings for."""
+    from training.data.real_families import feasible
+
+    pool = _pool(library, split)
+    return tuple(f for f in cfg.real_families if feasible(f, pool))
 
 
 def active_families(cfg: BenchmarkConfig) -> tuple[str, ...]:
@@ -152,7 +263,7 @@ def active_families(cfg: BenchmarkConfig) -> tuple[str, ...]:
     return (*cfg.families, "speech")
 
 
-def split_fingerprint(cfg: BenchmarkConfig, split: str) -> str:
+def split_fingerprint(cfg: BenchmarkConfig, split: str, library: Library | None = None) -> str:
     """sha256 of everything that determines one split's content."""
     blob = {
         "generator_version": GENERATOR_VERSION,
@@ -161,6 +272,10 @@ def split_fingerprint(cfg: BenchmarkConfig, split: str) -> str:
         "split": split,
         "count": cfg.split_sizes[split],
     }
+    if cfg.real_sources:  # absent when off: the synthetic fingerprints hold
+        lib = _need_library(cfg, library)
+        blob["library"] = lib.fingerprint
+        blob["families"] = list(family_cycle(cfg, split, lib))
     if split == "pretrain" and cfg.pretrain_weights:  # absent when unused: older fingerprints hold
         blob["pretrain_weights"] = dict(sorted(cfg.pretrain_weights.items()))
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -207,6 +322,53 @@ def _control(rng: np.random.Generator, ex: fam.Example, family: str, shift: bool
     return dataclasses.replace(ex, scene=scene, mix=mix, params=params)
 
 
+# Control audio for real-source configs, by the family asked about: which recordings may play
+# without making the question answerable (never a sound the question could be about).
+def _unrelated_categories(family: str) -> tuple[str, ...]:
+    if family in ("sound_class", "source_kind", "speech_presence"):
+        return ()  # any real sound answers these: only silence / noise controls
+    if family == "spoken_number":
+        return ("animal", "machine", "instrument")
+    if family in (
+        "count_real", "loudness_real", "pitch_real", "order_real", "presence_real",
+        "timing_real", "duration_real",
+    ):  # fmt: skip
+        return ("voice",)
+    return ("animal", "voice")  # synthetic families: no beeps, chirps, noise bursts or tones
+
+
+def _control_real(
+    rng: np.random.Generator, ex: fam.Example, family: str, shift: bool, pool
+) -> fam.Example:
+    """Real-source controls: near-silence, an unrelated noise bed, or an unrelated recording
+    looped (kinds "silence", "unrelated", "unrelated_real"); no event of the question."""
+    cats = _unrelated_categories(family)
+    recs = [r for r in pool.of(*cats) if r.label != "crowd" and r.label not in NUMBER_WORDS]
+    if family == "noise_type":
+        kinds = ["silence", "unrelated_real"] if recs else ["silence"]
+    else:
+        kinds = ["silence", "unrelated", "unrelated_real"] if recs else ["silence", "unrelated"]
+    kind = kinds[int(rng.integers(len(kinds)))]
+    params: dict[str, float | str] = {"control": kind, "of_family": family}
+    peak = float(rng.uniform(0.5, 0.9))
+    if kind == "silence":
+        bed = Bed("silence", seed=int(rng.integers(2**31 - 1)))
+        peak = None
+    elif kind == "unrelated":
+        bed = _draw_bed(rng, shift)
+    else:
+        rec = recs[int(rng.integers(len(recs)))]
+        bed = Bed("recording", seed=int(rng.integers(2**31 - 1)), source=pool.library.path(rec))
+        params |= {"recordings": rec.key, "packages": rec.package}
+    scene, mix = SceneBuilder(ex.scene.duration_s, bed).finish(peak)
+    return dataclasses.replace(ex, scene=scene, mix=mix, params=params)
+
+
+def _real_beds(pool) -> list:
+    """Recordings of a pool that can be a clip's background: speech, crowd, wind, applause."""
+    return [r for r in pool.recordings if r.category == "voice" or r.label in BED_LABELS]
+
+
 def _draw_bed(rng: np.random.Generator, shift: bool) -> Bed:
     seed = int(rng.integers(2**31 - 1))
     if shift:
@@ -222,12 +384,16 @@ def generate_item(
     *,
     family: str | None = None,
     level: float | None = None,
+    library: Library | None = None,
 ) -> Generated:
-    """Render item `index` of `split`. `family`/`level` override the drawn ones (tests)."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    """Render item `index` of `split`. `family`/`level` override the drawn ones (tests);
+    `library` (sources.build_library) is needed with real_sources."""
+    if split not in cfg.splits:
+        raise ValueError(f"unknown split {split!r}; expected one of {cfg.splits}")
     rng = item_rng(cfg.seed, split, index)
-    names = family_cycle(cfg, split)
+    names = family_cycle(cfg, split, library)
+    if not names:
+        raise ValueError(f"split {split!r} has no family its recordings can feed")
     family = family or names[index % len(names)]
     shift = split in SHIFT_SPLITS
     # Fixed draw order: every item consumes the same leading numbers whatever the options.
@@ -238,11 +404,34 @@ def generate_item(
     snr -= cfg.shift_snr_drop_db if shift else 0.0
     timbre = str(rng.choice(TIMBRES_SHIFT)) if shift else "sine"
     bed = _draw_bed(rng, shift)
+    bed_rec = None
+    if cfg.real_sources and family not in (*REAL_FAMILY_NAMES, "noise_type", "speech"):
+        # drawn after every draw above, and only with real sources: synthetic configs keep theirs
+        beds = _real_beds(_pool(_need_library(cfg, library), split))
+        if rng.random() < cfg.real_bed_fraction and beds:
+            bed_rec = beds[int(rng.integers(len(beds)))]
+            bed = Bed("recording", seed=int(rng.integers(2**31 - 1)), source=library.path(bed_rec))
     ctx = fam.Context(level, snr, timbre, bed, shift, cfg.min_duration_s, cfg.max_duration_s)
-    ex = fam.FAMILIES[family](rng, ctx)
+    control_fraction = cfg.control_fraction
+    if family in REAL_FAMILY_NAMES:
+        from training.data.real_families import REAL_FAMILIES
+
+        if not cfg.real_sources:
+            raise ValueError(f"family {family!r} needs real_sources=True")
+        pool = _pool(_need_library(cfg, library), split)
+        ex = REAL_FAMILIES[family](rng, ctx, pool)
+    else:
+        ex = fam.FAMILIES[family](rng, ctx)
+    if bed_rec is not None:
+        ex.params = {**ex.params, "recordings": bed_rec.key, "packages": bed_rec.package}
+    if split in REAL_SPLITS:
+        control_fraction = max(control_fraction, cfg.test_real_control_fraction)
     out_family = family
-    if u_control < cfg.control_fraction:
-        ex = _control(rng, ex, family, shift)
+    if u_control < control_fraction:
+        if cfg.real_sources:
+            ex = _control_real(rng, ex, family, shift, _pool(_need_library(cfg, library), split))
+        else:
+            ex = _control(rng, ex, family, shift)
         out_family = "control"
     perm = rng.permutation(len(ex.choices))
     choices = tuple(ex.choices[i] for i in perm)
@@ -275,9 +464,11 @@ def generate_item(
     return Generated(item, ex, pcm)
 
 
-def _render_and_write(cfg: BenchmarkConfig, split: str, out_dir: Path, index: int):
+def _render_and_write(
+    cfg: BenchmarkConfig, split: str, out_dir: Path, library: Library | None, index: int
+):
     """Worker body: render one item, write its WAV; returns (manifest line, wav sha256)."""
-    gen = generate_item(cfg, split, index)
+    gen = generate_item(cfg, split, index, library=library)
     data = wav_bytes(gen.pcm)
     (out_dir / gen.item.audio).write_bytes(data)
     return gen.item.to_json(), hashlib.sha256(data).hexdigest()
@@ -297,9 +488,11 @@ def _read_meta(out_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _write_meta(out_dir: Path, cfg: BenchmarkConfig, splits: dict[str, Any]) -> None:
+def _write_meta(
+    out_dir: Path, cfg: BenchmarkConfig, splits: dict[str, Any], library: Library | None = None
+) -> None:
     """dataset.json (atomic): config, seed, per-split entries, fingerprint over the manifests."""
-    splits = {s: splits[s] for s in SPLITS if s in splits}
+    splits = {s: splits[s] for s in cfg.splits if s in splits}
     h = hashlib.sha256()
     for split in splits:
         path = manifest_path(out_dir, split)
@@ -322,6 +515,18 @@ def _write_meta(out_dir: Path, cfg: BenchmarkConfig, splits: dict[str, Any]) -> 
         "counts": {s: e["count"] for s, e in splits.items()},
         "fingerprint": h.hexdigest(),
     }
+    if cfg.real_sources and library is not None:
+        from training.data.sources import counts
+
+        meta["sources"] = {
+            "library": os.path.relpath(library.root, out_dir),
+            "library_fingerprint": library.fingerprint,
+            "packages": {
+                p: {"side": PACKAGES[p].side, "licence": PACKAGES[p].licence}
+                for p in cfg.real_packages
+            },
+            **counts(library),
+        }
     tmp = out_dir / "dataset.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, out_dir / "dataset.json")
@@ -348,7 +553,12 @@ def _split_complete(out_dir: Path, split: str, fp: str, entry: dict[str, Any] | 
 
 
 def _generate_split(
-    cfg: BenchmarkConfig, split: str, out_dir: Path, progress: bool, pool=None
+    cfg: BenchmarkConfig,
+    split: str,
+    out_dir: Path,
+    progress: bool,
+    pool=None,
+    library: Library | None = None,
 ) -> dict:
     """Render one split from scratch (in `pool` when given); returns its dataset.json entry."""
     n = cfg.split_sizes[split]
@@ -356,7 +566,7 @@ def _generate_split(
     audio_dir.mkdir(parents=True, exist_ok=True)
     for old in audio_dir.glob("*.wav"):  # stale files of an earlier config or partial run
         old.unlink()
-    work = partial(_render_and_write, cfg, split, out_dir)
+    work = partial(_render_and_write, cfg, split, out_dir, library)
     bar = tqdm(total=n, desc=f"data {split}", unit="item", disable=not progress)
     results: list[tuple[str, str]] = []
     # imap keeps item order, so the manifest does not depend on the worker count.
@@ -372,7 +582,7 @@ def _generate_split(
         counts[it.family] = counts.get(it.family, 0) + 1
     return {
         "count": n,
-        "fingerprint": split_fingerprint(cfg, split),
+        "fingerprint": split_fingerprint(cfg, split, library),
         "manifest_sha256": _sha256_file(path),
         "audio_sha256": audio_hash,  # over the per-file sha256s, in item order
         "families": dict(sorted(counts.items())),
@@ -380,9 +590,15 @@ def _generate_split(
 
 
 def generate_benchmark(cfg: BenchmarkConfig, out_dir: Path, progress: bool = True) -> Path:
-    """Write (or complete) the benchmark under `out_dir`; returns `out_dir`."""
+    """Write (or complete) the benchmark under `out_dir`; returns `out_dir`. With real_sources
+    the recording library is built (or reused) under `<out_dir>/sources` first."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    library = None
+    if cfg.real_sources:
+        from training.data.sources import build_library
+
+        library = build_library(cfg.source_config, out_dir / "sources", progress=progress)
     meta = _read_meta(out_dir)
     # Entries of earlier runs: each is trusted only after _split_complete verifies it.
     entries = (
@@ -390,8 +606,8 @@ def generate_benchmark(cfg: BenchmarkConfig, out_dir: Path, progress: bool = Tru
     )
     todo = [
         s
-        for s in SPLITS
-        if not _split_complete(out_dir, s, split_fingerprint(cfg, s), entries.get(s))
+        for s in cfg.splits
+        if not _split_complete(out_dir, s, split_fingerprint(cfg, s, library), entries.get(s))
     ]
     pool = None
     if cfg.workers > 1 and sum(cfg.split_sizes[s] for s in todo) > 1:
@@ -405,12 +621,12 @@ def generate_benchmark(cfg: BenchmarkConfig, out_dir: Path, progress: bool = Tru
             # mistaken for a complete one; the manifest is written last.
             entries.pop(split, None)
             manifest_path(out_dir, split).unlink(missing_ok=True)
-            _write_meta(out_dir, cfg, entries)
-            entries[split] = _generate_split(cfg, split, out_dir, progress, pool)
-            _write_meta(out_dir, cfg, entries)
+            _write_meta(out_dir, cfg, entries, library)
+            entries[split] = _generate_split(cfg, split, out_dir, progress, pool, library)
+            _write_meta(out_dir, cfg, entries, library)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    _write_meta(out_dir, cfg, entries)
+    _write_meta(out_dir, cfg, entries, library)
     return out_dir

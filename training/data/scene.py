@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+import soundfile as sf
 
 from training.data import signals
 from training.data.signals import n_samples
 
-EVENT_KINDS = ("beep", "chirp", "glide", "warble", "noise", "clicks", "speech")
-BED_KINDS = ("white", "pink", "brown", "hum", "babble", "silence")
+EVENT_KINDS = ("beep", "chirp", "glide", "warble", "noise", "clicks", "speech", "recording")
+BED_KINDS = ("white", "pink", "brown", "hum", "babble", "silence", "recording")
 SILENCE_RMS = 3e-4  # about -70 dBFS: "silent" controls still differ sample by sample
 
 
@@ -42,10 +44,13 @@ class Event:
     gain: float = 1.0  # linear amplitude of the unit-RMS render
     role: str = ""  # what the family uses it for: "target", "distractor", ...
     text: str = ""  # speech: the spoken text
+    source: str = ""  # recording: path of its decoded 16 kHz WAV (see sources.py)
 
     def __post_init__(self) -> None:
         if self.kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {self.kind!r}")
+        if (self.kind == "recording") != bool(self.source):
+            raise ValueError("a recording event needs a source, and only it has one")
         if self.duration_s <= 0 or self.onset_s < 0:
             raise ValueError(f"bad event timing onset={self.onset_s} duration={self.duration_s}")
 
@@ -62,10 +67,13 @@ class Bed:
     alpha: float = 0.0  # spectral exponent of coloured noise (white 0, pink 1, brown 2)
     seed: int = 0
     level: float = 1.0
+    source: str = ""  # recording: its decoded 16 kHz WAV, looped, over a faint pink floor
 
     def __post_init__(self) -> None:
         if self.kind not in BED_KINDS:
             raise ValueError(f"unknown bed kind {self.kind!r}")
+        if (self.kind == "recording") != bool(self.source):
+            raise ValueError("a recording bed needs a source, and only it has one")
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,16 @@ class Scene:
         return n_samples(self.duration_s)
 
 
+@lru_cache(maxsize=512)
+def load_recording(path: str) -> np.ndarray:
+    """A library WAV (16 kHz mono PCM16) as read-only (n,) float64; cached per process."""
+    x, rate = sf.read(path, dtype="float64")
+    if rate != signals.SR or x.ndim != 1:
+        raise ValueError(f"{path}: expected 16 kHz mono, got {rate} Hz, shape {x.shape}")
+    x.setflags(write=False)
+    return x
+
+
 def render_event(ev: Event) -> np.ndarray:
     """The event's samples (n_event,) at its gain, starting at its onset."""
     rng = np.random.default_rng(ev.seed)
@@ -93,6 +111,10 @@ def render_event(ev: Event) -> np.ndarray:
         x = signals.noise_burst(ev.duration_s, rng)
     elif ev.kind == "clicks":
         x = signals.click_train(ev.duration_s, ev.rate_hz, rng)
+    elif ev.kind == "recording":
+        n = n_samples(ev.duration_s)
+        rec = load_recording(ev.source)[:n]
+        x = signals.unit_rms(signals.fade(np.pad(rec, (0, n - len(rec))), 0.005))
     else:  # speech
         from training.data.speech import synthesize
 
@@ -109,6 +131,13 @@ def render_bed(bed: Bed, n: int) -> np.ndarray:
         x = signals.babble(n, rng)
     elif bed.kind == "silence":
         x = rng.standard_normal(n) * SILENCE_RMS
+    elif bed.kind == "recording":
+        rec = load_recording(bed.source)
+        start = int(rng.integers(len(rec)))  # loop from a seeded offset
+        loop = signals.unit_rms(np.resize(np.roll(rec, -start), n))
+        # A faint pink floor (-20 dB): no band is empty, so the band-SNR rule never sets an
+        # event's gain against nothing (a telephone voice has no energy above 4 kHz).
+        x = signals.unit_rms(loop + 0.1 * signals.coloured_noise(n, 1.0, rng))
     else:
         x = signals.coloured_noise(n, bed.alpha, rng)
     return x * bed.level
