@@ -227,6 +227,21 @@ def family_for(model_type: str) -> ModelFamily:
     raise ValueError(f"model_type {model_type!r} is not a supported family ({known})")
 
 
+def _tiny_decoder(vocab_size: int, pad_token_id: int) -> dict:
+    """The tiny models' decoder: 4 layers of width 96, 4 heads (2 KV heads), untied LM head."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 96,
+        "intermediate_size": 192,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+        "pad_token_id": pad_token_id,
+    }
+
+
 def tiny_config(
     vocab_size: int, audio_token_id: int, pad_token_id: int, window_s: float = 6.0
 ) -> Qwen2AudioConfig:
@@ -244,15 +259,7 @@ def tiny_config(
         },
         text_config={
             "model_type": "qwen2",
-            "vocab_size": vocab_size,
-            "hidden_size": 96,
-            "intermediate_size": 192,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 1024,
-            "tie_word_embeddings": False,
-            "pad_token_id": pad_token_id,
+            **_tiny_decoder(vocab_size, pad_token_id),
             "layer_types": ["full_attention"] * 4,
         },
         audio_token_id=audio_token_id,
@@ -336,15 +343,7 @@ def tiny_omni_config(
             "fullatt_block_indexes": [0],
         },
         text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": 96,
-            "intermediate_size": 192,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 1024,
-            "tie_word_embeddings": False,
-            "pad_token_id": pad_token_id,
+            **_tiny_decoder(vocab_size, pad_token_id),
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1_000_000.0,

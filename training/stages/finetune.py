@@ -58,6 +58,28 @@ def lora_spec(loaded: LoadedModel, cfg: FinetuneConfig) -> LoRASpec:
     return LoRASpec(cfg.lora.rank, cfg.lora.alpha, tuple(modules), layers, cfg.lora.target_modules)
 
 
+def attach_lora(base, spec: LoRASpec, gradient_checkpointing: bool = False):
+    """PEFT LoRA adapters (fp32) on the frozen `base` at `spec`'s modules, in place: returns the
+    PEFT model (its `unload()` gives the plain base back) and the trainable (name, parameter)s."""
+    for p in base.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:  # checkpointed in train mode only (_LoRASteps.start_epoch)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=0.0,
+            target_modules=spec.peft_target_regex(),
+        ),
+    )
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    for _, p in named:  # PEFT keeps adapters in fp32 on a bf16 base; make it a guarantee
+        p.data = p.data.float()
+    return peft_model, named
+
+
 def module_of(param_name: str) -> tuple[str, str]:
     """PEFT parameter name -> (module path in the base model, "A" or "B")."""
     # e.g. base_model.model.model.language_model.layers.3.mlp.up_proj.lora_A.default.weight
@@ -240,8 +262,6 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     evals = prepare_split(loaded, cfg.data_dir, cfg.eval_split, progress=progress)
     pad = loaded.tokenizer.pad_token_id
     base = loaded.model
-    for p in base.parameters():
-        p.requires_grad_(False)
     store, fam = cfg.prefix_cache, loaded.family
     if split == 0:  # LoRA on every layer: nothing below it worth keeping
         train_cache = LivePrefix(base, train, split, pad, fam)
@@ -251,21 +271,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
         eval_key = prefix_key(cfg, cfg.eval_split, None, split)
         train_cache = CachedPrefix(base, train, split, pad, progress, store, train_key, fam)
         eval_cache = CachedPrefix(base, evals, split, pad, progress, store, eval_key, fam)
-    if cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model = get_peft_model(
-        base,
-        LoraConfig(
-            r=spec.rank,
-            lora_alpha=spec.alpha,
-            lora_dropout=0.0,
-            target_modules=spec.peft_target_regex(),
-        ),
-    )
+    peft_model, named = attach_lora(base, spec, cfg.gradient_checkpointing)
     model = peft_model.base_model.model  # the base model, LoRA layers injected
-    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    for _, p in named:  # PEFT keeps adapters in fp32 on a bf16 base; make it a guarantee
-        p.data = p.data.float()
     params = [p for _, p in named]
     if cfg.init_from is not None:
         warm_start(named, loaded, spec, cfg.init_from)
