@@ -2,24 +2,40 @@
 
 Quaver's prompt contract and engine only need a handful of facts about an audio-language model:
 where its audio tower, projector, decoder layers and LM head live, which token marks audio, and
-how long an audio window the encoder takes. This module holds those facts for the Qwen2-Audio
-family (`Qwen2AudioForConditionalGeneration`), and the two configurations Quaver builds itself:
+how long an audio window the encoder takes, how a checkpoint of the family is loaded and saved.
+Two families:
+
+- `QWEN2_AUDIO` (`Qwen2AudioForConditionalGeneration`): the tiny model, the embedded default and
+  Qwen2-Audio-7B(-Instruct);
+- `QWEN25_OMNI` (the thinker of Qwen2.5-Omni-3B/7B, `Qwen2_5OmniThinkerForConditionalGeneration`,
+  loaded from the published directory of the whole Omni model; talker and vocoder are skipped).
+
+A checkpoint's family is read from its own config.json (`model_type`, `family_for`), never named by
+a class string in a Quaver config. Configurations Quaver builds itself:
 
 - `tiny_config()`: a random-init model small enough to train on 2 CPU cores in minutes (tests, CI);
+- `tiny_omni_config()`: the Qwen2.5-Omni thinker architecture cut down the same way (tests);
 - `default_config()`: the embedded default's shape (Whisper tiny.en encoder + SmolLM2-135M decoder).
-
-A real checkpoint (e.g. Qwen2-Audio-7B-Instruct) brings its own config.json and is read as is.
-Another family (e.g. Qwen2.5-Omni's thinker) would add a second `ModelFamily` here.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+from transformers import (
+    PretrainedConfig,
+    Qwen2_5OmniConfig,
+    Qwen2_5OmniForConditionalGeneration,
+    Qwen2_5OmniThinkerConfig,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+    Qwen2AudioConfig,
+    Qwen2AudioForConditionalGeneration,
+)
 
 # Special tokens of the Qwen2-Audio prompt format.
 AUDIO_BOS = "<|audio_bos|>"
@@ -36,9 +52,29 @@ HOP_LENGTH = 160  # Whisper: 10 ms per mel frame
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """Where the parts of a Qwen2-Audio-architecture model live."""
+    """Where the parts of a Qwen2-Audio-architecture model live (the base of every family)."""
 
     name: str = "qwen2-audio"
+    model_types: tuple[str, ...] = ("qwen2_audio",)  # config.json `model_type`s of the family
+    # True: the tower takes the clips' valid frames packed into one sequence and returns the
+    # projected audio embeddings itself (`encode_packed_audio`); False: `run_audio_tower` on the
+    # padded window, then `projector`.
+    packed_audio: bool = False
+
+    def load_model(self, path: Path, dtype: torch.dtype) -> nn.Module:
+        """The model of a local checkpoint directory, in `dtype` on the CPU (never a hub)."""
+        return Qwen2AudioForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, local_files_only=True
+        )
+
+    def published(self, model: nn.Module) -> nn.Module:
+        """The module whose `save_pretrained` writes the family's published layout."""
+        return model
+
+    def wrap_prompt(self, text: str) -> tuple[str, str] | None:
+        """(text before the audio block, text after it) for `text` (question, choices, cue), or
+        None for the plain format (audio block, then `text`)."""
+        return None
 
     def audio_tower(self, model: nn.Module) -> nn.Module:
         return model.model.audio_tower
@@ -101,6 +137,110 @@ class ModelFamily:
 
 QWEN2_AUDIO = ModelFamily()
 
+# Qwen2.5-Omni's chat format (its processor's chat template) and default system prompt.
+OMNI_SYSTEM = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+    "perceiving auditory and visual inputs, as well as generating text and speech."
+)
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# The processor pads to 300 s; Whisper's normalisation makes the valid frames the same for any
+# window at least as long as the clip, so Quaver takes 30 s, the length the thinker was tuned on.
+OMNI_WINDOW_S = 30.0
+
+
+@dataclass(frozen=True)
+class OmniThinkerFamily(ModelFamily):
+    """Qwen2.5-Omni's thinker: the audio tower chunks each clip into windows of 2 x n_window mel
+    frames (attention inside a window), pools by 2 and projects to the LLM width itself; the LLM
+    is a Qwen2 decoder with multimodal RoPE, whose three position rows are equal for audio+text
+    prompts (so plain positions 0..T-1 are exact)."""
+
+    name: str = "qwen2.5-omni"
+    model_types: tuple[str, ...] = ("qwen2_5_omni", "qwen2_5_omni_thinker")
+    packed_audio: bool = True
+
+    def load_model(self, path: Path, dtype: torch.dtype) -> nn.Module:
+        """The thinker, from a thinker-only directory or from the published Omni directory
+        (weights `thinker.*`; `talker.*` and `token2wav.*` are not loaded)."""
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type == "qwen2_5_omni_thinker":
+            return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+                path, dtype=dtype, local_files_only=True
+            )
+        thinker_cfg = Qwen2_5OmniConfig.from_pretrained(path, local_files_only=True).thinker_config
+        return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+            path,
+            config=thinker_cfg,
+            dtype=dtype,
+            local_files_only=True,
+            key_mapping={r"^thinker\.": ""},
+        )
+
+    def published(self, model: nn.Module) -> nn.Module:
+        """The whole Omni model (audio output off) holding `model` as its thinker: its
+        `save_pretrained` writes `thinker.*` weights and the Omni config, as published."""
+        config = Qwen2_5OmniConfig(thinker_config=model.config.to_dict(), enable_audio_output=False)
+        with torch.device("meta"):  # the placeholder thinker is replaced at once
+            outer = Qwen2_5OmniForConditionalGeneration(config)
+        outer.thinker = model
+        return outer
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        return model.model.audio_tower.proj
+
+    def encode_packed_audio(
+        self, model: nn.Module, features: torch.Tensor, n_frames: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stock tower on each clip's valid frames: features (R, n_mels, W), n_frames (R,)
+        -> (embeds (R, A_max, d_text), audio token counts (R,)), as the thinker's
+        `get_audio_features` computes them (the frames past n_frames never enter)."""
+        tower = self.audio_tower(model)
+        packed = torch.cat([features[r, :, : int(n)] for r, n in enumerate(n_frames)], dim=1)
+        flat = tower(input_features=packed, feature_lens=n_frames).last_hidden_state  # (sum A, d)
+        _, out_lens = tower._get_feat_extract_output_lengths(n_frames)
+        embeds = flat.new_zeros(len(n_frames), int(out_lens.max()), flat.shape[-1])
+        valid = torch.arange(embeds.shape[1], device=flat.device)[None, :] < out_lens[:, None]
+        embeds[valid] = flat
+        return embeds, out_lens
+
+    def window_frames(self, model_config: PretrainedConfig) -> int:
+        return round(OMNI_WINDOW_S * SAMPLE_RATE / HOP_LENGTH)
+
+    def wrap_prompt(self, text: str) -> tuple[str, str]:
+        """The chat template's system and user turns around the audio block, the assistant turn
+        opened with the answer cue: "...<|im_start|>assistant\nAnswer:" then " A", " B"..."""
+        body, _, cue = text.rpartition("\n")
+        before = f"{IM_START}system\n{OMNI_SYSTEM}{IM_END}\n{IM_START}user\n"
+        return before, f"{body}{IM_END}\n{IM_START}assistant\n{cue}"
+
+
+QWEN25_OMNI = OmniThinkerFamily()
+FAMILIES = (QWEN2_AUDIO, QWEN25_OMNI)
+
+
+def family_for(model_type: str) -> ModelFamily:
+    """The family of a checkpoint whose config.json says `model_type`."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise ValueError(f"model_type {model_type!r} is not a supported family ({known})")
+
+
+def _tiny_decoder(vocab_size: int, pad_token_id: int) -> dict:
+    """The tiny models' decoder: 4 layers of width 96, 4 heads (2 KV heads), untied LM head."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 96,
+        "intermediate_size": 192,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+        "pad_token_id": pad_token_id,
+    }
+
 
 def tiny_config(
     vocab_size: int, audio_token_id: int, pad_token_id: int, window_s: float = 6.0
@@ -119,15 +259,7 @@ def tiny_config(
         },
         text_config={
             "model_type": "qwen2",
-            "vocab_size": vocab_size,
-            "hidden_size": 96,
-            "intermediate_size": 192,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 1024,
-            "tie_word_embeddings": False,
-            "pad_token_id": pad_token_id,
+            **_tiny_decoder(vocab_size, pad_token_id),
             "layer_types": ["full_attention"] * 4,
         },
         audio_token_id=audio_token_id,
@@ -176,4 +308,59 @@ def build_model(config: Qwen2AudioConfig, seed: int = 0) -> Qwen2AudioForConditi
     table = QWEN2_AUDIO.audio_tower(model).embed_positions.weight  # (max_source_positions, d)
     with torch.no_grad():
         table.copy_(sinusoid_positions(*table.shape))
+    return model.eval()
+
+
+def tiny_omni_config(
+    vocab_size: int,
+    audio_token_id: int,
+    pad_token_id: int,
+    audio_bos_id: int | None = None,
+    audio_eos_id: int | None = None,
+) -> Qwen2_5OmniThinkerConfig:
+    """Qwen2.5-Omni-3B's thinker cut down (layers, widths, a 1-block vision tower it never uses):
+    128 mels, n_window 100, three mRoPE sections sized to the head, untied LM head."""
+    ids = {} if audio_bos_id is None else {"audio_start_token_id": audio_bos_id}
+    if audio_eos_id is not None:
+        ids["audio_end_token_id"] = audio_eos_id
+    return Qwen2_5OmniThinkerConfig(
+        audio_config={
+            "num_mel_bins": 128,
+            "d_model": 64,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 4,
+            "encoder_ffn_dim": 128,
+            "n_window": 100,
+            "max_source_positions": 1500,
+            "output_dim": 96,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 96,
+            "fullatt_block_indexes": [0],
+        },
+        text_config={
+            **_tiny_decoder(vocab_size, pad_token_id),
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1_000_000.0,
+                "mrope_section": [4, 4, 4],  # head 24 -> 12 frequencies in 3 position rows
+            },
+        },
+        audio_token_index=audio_token_id,
+        **ids,
+    )
+
+
+def build_omni_model(
+    config: Qwen2_5OmniThinkerConfig, seed: int = 0
+) -> Qwen2_5OmniThinkerForConditionalGeneration:
+    """A randomly initialised thinker of `config` (fp32, eval mode; its encoder positions are
+    fixed sinusoids already)."""
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    init_like_pytorch(model, seed)
     return model.eval()

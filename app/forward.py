@@ -113,6 +113,8 @@ def encode_audio(
     family: ModelFamily = QWEN2_AUDIO,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Audio tower + projector. Returns (embeds (R, A_max, d_text), audio token counts (R,))."""
+    if family.packed_audio:  # a tower that packs the clips and projects itself (Omni's thinker)
+        return family.encode_packed_audio(model, features, n_frames)
     hidden, out_lens = audio_hidden(model, features, n_frames, family)
     return family.projector(model)(hidden), out_lens
 

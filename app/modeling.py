@@ -1,9 +1,10 @@
-"""Loading a Qwen2-Audio-architecture checkpoint directory.
+"""Loading a checkpoint directory of a supported model family (app.family).
 
 One loader for every model Quaver serves or trains: the tiny random-init model, the embedded
-default assembled by `quaver build-base`, and any local checkpoint in the Qwen2-Audio-7B-Instruct
-layout (config.json + safetensors weights + tokenizer files + preprocessor_config.json). Nothing
-is fetched from a hub: `local_files_only` is always set.
+default assembled by `quaver build-base`, and any local checkpoint in the published layout of
+Qwen2-Audio-7B-Instruct or Qwen2.5-Omni-3B/7B (config.json + safetensors weights + tokenizer files
++ preprocessor_config.json). The family is read from config.json's `model_type`. Nothing is
+fetched from a hub: `local_files_only` is always set.
 
     from app.modeling import load_checkpoint
     ckpt = load_checkpoint("artifacts/base")   # -> LoadedModel(model, tokenizer, features, ...)
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PretrainedConfig, Qwen2AudioForConditionalGeneration
+from torch import nn
+from transformers import AutoTokenizer, PretrainedConfig
 
 from app.audio import FeatureExtractor
-from app.family import QWEN2_AUDIO, ModelFamily
+from app.family import ModelFamily, family_for
 from app.prompt import PromptBuilder
 
 # Keys of config.to_dict() that do not change the computation.
@@ -124,7 +126,7 @@ def base_identity(model_dir: str | Path) -> str:
 class LoadedModel:
     """A model with everything needed to turn (audio, question, choices) into letter scores."""
 
-    model: Qwen2AudioForConditionalGeneration
+    model: nn.Module  # e.g. Qwen2AudioForConditionalGeneration, an Omni thinker
     tokenizer: object
     features: FeatureExtractor
     prompts: PromptBuilder
@@ -155,28 +157,40 @@ def _n_mels(model_dir: Path, config) -> int:
     return int(config.audio_config.num_mel_bins)
 
 
+def checkpoint_family(model_dir: str | Path) -> ModelFamily:
+    """The family of a checkpoint directory, from its config.json `model_type`."""
+    path = Path(model_dir)
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} is not a model directory (no config.json)") from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    try:
+        return family_for(str(model_type))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+
+
 def load_checkpoint(
     model_dir: str | Path,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    family: ModelFamily = QWEN2_AUDIO,
 ) -> LoadedModel:
-    """Load model + tokenizer + feature settings from a local directory (eval mode)."""
+    """Load model + tokenizer + feature settings from a local directory (eval mode); the family
+    is the checkpoint's own (`checkpoint_family`)."""
     path = Path(model_dir)
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    family = checkpoint_family(path)
     try:
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, local_files_only=True
-        )
+        model = family.load_model(path, dtype)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from {path}: {exc}") from exc
     model = model.to(device).eval()
     cfg = model.config
     features = FeatureExtractor(_n_mels(path, cfg), family.window_frames(cfg))
-    prompts = PromptBuilder(tokenizer, family.audio_token_id(model))
+    prompts = PromptBuilder(tokenizer, family.audio_token_id(model), family.wrap_prompt)
     return LoadedModel(
         model, tokenizer, features, prompts, family, path, config_hash(cfg), base_identity(path)
     )
@@ -190,10 +204,11 @@ def save_checkpoint(model, tokenizer, model_dir: str | Path) -> Path:
 
     path = Path(model_dir)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
     cfg = model.config
-    frames = QWEN2_AUDIO.window_frames(cfg)
+    family = family_for(cfg.model_type)
+    family.published(model).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    frames = family.window_frames(cfg)
     WhisperFeatureExtractor(
         feature_size=cfg.audio_config.num_mel_bins,
         sampling_rate=SAMPLE_RATE,

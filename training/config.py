@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,18 @@ class FinetuneConfig:
     init_from: Path | None = None
     checkpoint_every: int = 50  # steps between resumable checkpoints
     threads: int = 0  # torch threads (0 = torch's default)
+    # Where the base runs: "cpu", "cuda", "cuda:N" or "auto" (cuda when present); under torchrun
+    # "cuda" is each rank's own GPU (LOCAL_RANK).
+    device: str = "cpu"
+    # dtype of the frozen base weights: "float32" or "bfloat16". LoRA parameters, IVON state and
+    # the exported posterior are float32 whatever this is.
+    dtype: str = "float32"
+    # Recompute each LoRA decoder layer's activations in the backward pass instead of keeping
+    # them (memory for about a third more compute); same result.
+    gradient_checkpointing: bool = False
+    # Prompts per forward/backward pass: a step of `batch_size` prompts accumulates the gradients
+    # of batch_size / micro_batch_size passes (same result up to rounding); None = one pass.
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         self.base_dir, self.data_dir, self.out_dir = (
@@ -164,6 +177,23 @@ class FinetuneConfig:
             raise ConfigError("finetune: epochs and batch_size must be >= 1")
         if self.eval_split == "test":
             raise ConfigError("eval_split must not be 'test': tune on calib, report on test")
+        check_device(self.device, self.dtype)
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
+            raise ConfigError(
+                f"micro_batch_size must be in 1..batch_size ({self.batch_size}), "
+                f"got {self.micro_batch_size}"
+            )
+
+
+DTYPES = ("float32", "bfloat16")  # base-weight dtypes a stage may use
+
+
+def check_device(device: str, dtype: str) -> None:
+    """`device` is cpu / cuda / cuda:N / auto and `dtype` one of DTYPES, or a ConfigError."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", str(device)):
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 STAGES = ("pretrain", "adapt", "finetune")  # the values of a config's `stage` key

@@ -21,12 +21,15 @@ from app.prompt import LETTERS, format_text
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Byte-level BPE on `texts`; specials: pad, eos and the three audio tokens."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, chat_tokens: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on `texts`; specials: pad, eos, the three audio tokens and `chat_tokens`
+    (e.g. Qwen2.5-Omni's "<|im_start|>", "<|im_end|>")."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = [PAD, EOS, *AUDIO_SPECIAL_TOKENS]
+    specials = [PAD, EOS, *AUDIO_SPECIAL_TOKENS, *chat_tokens]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=specials,
@@ -37,5 +40,5 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     scaffold = [format_text("q", [f"c{i}" for i in range(len(LETTERS))]) + f" {x}" for x in LETTERS]
     tok.train_from_iterator([*scaffold * 50, *texts], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
-    fast.add_special_tokens({"additional_special_tokens": list(AUDIO_SPECIAL_TOKENS)})
+    fast.add_special_tokens({"additional_special_tokens": [*AUDIO_SPECIAL_TOKENS, *chat_tokens]})
     return fast

@@ -35,14 +35,29 @@ class DistInfo:
         return idx[self.rank :: self.world]
 
 
-def setup() -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else single process."""
+def resolve_device(device: str) -> torch.device:
+    """A stage's `device` setting as a torch device: "auto" is cuda when present, and "cuda"
+    under torchrun is this rank's GPU (LOCAL_RANK)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA device")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return torch.device(device)
+
+
+def setup(device: torch.device | None = None) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else single process:
+    NCCL when the stage runs on a GPU, gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        if on_gpu and device is not None:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size())
 
 

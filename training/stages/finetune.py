@@ -3,9 +3,13 @@
     quaver train --config configs/tiny-ivon.yaml      # stage: finetune (stage 2, on `train`)
     quaver train --config configs/default-adapt.yaml  # stage: adapt (the default's stage 1b)
 
-The base model is frozen; PEFT LoRA adapters sit on the configured Linear layers of the top N
-decoder layers. Because nothing below the first LoRA layer trains, each clip's hidden states
-entering that layer are computed once and cached: a step runs only the LoRA layers above.
+The base model is frozen (in `dtype`, on `device`); PEFT LoRA adapters (fp32) sit on the
+configured Linear layers of the top N decoder layers. Because nothing below the first LoRA layer
+trains, each clip's hidden states entering that layer are computed once and cached: a step runs
+only the LoRA layers above. With LoRA on every layer there is nothing worth caching (the states
+entering layer 0 are the spliced embeddings), so they are recomputed per batch (`LivePrefix`).
+A step of `batch_size` prompts may run as several micro-batches whose gradients accumulate, and
+the LoRA layers may recompute their activations in the backward pass (`gradient_checkpointing`).
 IVON draws one weight sample per MC sample per step inside `sampled_params` (the mean is restored
 even if the step raises) and learns a Gaussian posterior (mean m, std s) over the LoRA weights;
 AdamW learns a point estimate (exported with std 0). The run directory gets a resumable state,
@@ -24,15 +28,22 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
+from app.family import QWEN2_AUDIO
 from app.forward import choice_log_probs, suffix_letter_logits
 from app.modeling import LoadedModel, load_checkpoint
 from app.posterior import LoRASpec, Posterior, PosteriorError, load_posterior, save_posterior
 from training.config import FinetuneConfig, to_dict
 from training.ivon import IVON
 from training.stages.batches import Example, epoch_order, prepare_split
-from training.stages.distributed import DistInfo, all_reduce_grads, barrier, setup
+from training.stages.distributed import (
+    DistInfo,
+    all_reduce_grads,
+    barrier,
+    resolve_device,
+    setup,
+)
 from training.stages.loop import Steps, fingerprint, reuse_finished, run_epochs, save_atomic
-from training.stages.prefix import CachedPrefix, prefix_cache_key
+from training.stages.prefix import CachedPrefix, LivePrefix, prefix_cache_key
 
 
 def lora_spec(loaded: LoadedModel, cfg: FinetuneConfig) -> LoRASpec:
@@ -45,6 +56,28 @@ def lora_spec(loaded: LoadedModel, cfg: FinetuneConfig) -> LoRASpec:
             if name.rsplit(".", 1)[-1] in cfg.lora.target_modules:
                 modules.append(f"{prefix}.{name}")
     return LoRASpec(cfg.lora.rank, cfg.lora.alpha, tuple(modules), layers, cfg.lora.target_modules)
+
+
+def attach_lora(base, spec: LoRASpec, gradient_checkpointing: bool = False):
+    """PEFT LoRA adapters (fp32) on the frozen `base` at `spec`'s modules, in place: returns the
+    PEFT model (its `unload()` gives the plain base back) and the trainable (name, parameter)s."""
+    for p in base.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:  # checkpointed in train mode only (_LoRASteps.start_epoch)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=0.0,
+            target_modules=spec.peft_target_regex(),
+        ),
+    )
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    for _, p in named:  # PEFT keeps adapters in fp32 on a bf16 base; make it a guarantee
+        p.data = p.data.float()
+    return peft_model, named
 
 
 def module_of(param_name: str) -> tuple[str, str]:
@@ -83,20 +116,20 @@ def prefix_key(cfg: FinetuneConfig, data_split: str, limit: int | None, first_la
     return prefix_cache_key(cfg.base_dir, cfg.data_dir, data_split, first_layer, limit)
 
 
-def _log_probs(model, cache, examples, idx, split, letter_ids):
+def _log_probs(model, cache, examples, idx, split, letter_ids, family=QWEN2_AUDIO):
     h, lengths = cache.batch(idx)
     n_choices = torch.tensor([examples[i].prepared.prompt.n_choices for i in idx])
-    logits = suffix_letter_logits(model, h, lengths, split, letter_ids)
-    return choice_log_probs(logits, n_choices)
+    logits = suffix_letter_logits(model, h, lengths, split, letter_ids, family)
+    return choice_log_probs(logits, n_choices.to(logits.device))
 
 
 @torch.no_grad()
-def evaluate_mean(model, cache, examples, split, letter_ids) -> dict:
+def evaluate_mean(model, cache, examples, split, letter_ids, family=QWEN2_AUDIO) -> dict:
     """Accuracy / NLL / mean confidence of the current mean weights."""
     lps = []
     for i in range(0, len(examples), 32):
         idx = list(range(i, min(len(examples), i + 32)))
-        lps.append(_log_probs(model, cache, examples, idx, split, letter_ids))
+        lps.append(_log_probs(model, cache, examples, idx, split, letter_ids, family).cpu())
     lp = torch.cat(lps)
     labels = torch.tensor([e.label for e in examples])
     return {
@@ -117,12 +150,15 @@ class _LoRASteps(Steps):
         opt,
         data: tuple[list[Example], CachedPrefix, list[Example], CachedPrefix],
         split: int,
-        letter_ids: torch.Tensor,
+        loaded: LoadedModel,
         info: DistInfo,
     ) -> None:
         self.cfg, self.model, self.params, self.opt = cfg, model, params, opt
         self.train, self.cache, self.evals, self.eval_cache = data
-        self.split, self.letter_ids, self.info = split, letter_ids, info
+        self.split, self.letter_ids, self.info = split, loaded.letter_ids, info
+        self.family = loaded.family
+        # the LoRA layers, put in train mode for gradient checkpointing (no dropout in them)
+        self.lora_layers = loaded.family.language_model(model).layers[split:]
         ivon = cfg.optimizer == "ivon"
         self.base_lr = cfg.ivon.lr if ivon else cfg.adamw.lr
         self.mc = cfg.ivon.mc_samples if ivon else 1
@@ -130,6 +166,20 @@ class _LoRASteps(Steps):
 
     def order(self, epoch: int) -> list[list[int]]:
         return epoch_order(len(self.train), self.cfg.batch_size, self.cfg.seed, epoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.cfg.gradient_checkpointing:  # HF layers checkpoint only in train mode
+            self.lora_layers.train()
+
+    def _micro_batches(self, idx: list[int]) -> list[tuple[list[int], float]]:
+        """(indices, weight) of the passes of one step: weights are the micro-batch's share of
+        the step's items, so the accumulated gradient is the mean over the whole batch."""
+        size = self.cfg.micro_batch_size
+        if size is None or size >= len(idx):
+            return [(idx, 1.0)]
+        return [
+            (idx[i : i + size], len(idx[i : i + size]) / len(idx)) for i in range(0, len(idx), size)
+        ]
 
     def step(self, idx: list[int], step: int) -> tuple[list[float], int, int] | None:
         cfg, opt = self.cfg, self.opt
@@ -139,22 +189,27 @@ class _LoRASteps(Steps):
         if len(idx) < self.info.world:  # a last batch too small to share: every rank skips it
             return None
         idx = self.info.shard(idx)  # this rank's part of the batch
-        labels = torch.tensor([self.train[i].label for i in idx])
         opt.zero_grad(set_to_none=True)
-        losses = []
+        losses, hits = [], 0
         for _ in range(self.mc):
             ctx = opt.sampled_params(train=True) if cfg.optimizer == "ivon" else _null()
+            loss_sum, hits = 0.0, 0
             with ctx:
-                lp = _log_probs(
-                    self.model, self.cache, self.train, idx, self.split, self.letter_ids
-                )
-                loss = torch.nn.functional.nll_loss(lp, labels)
-                loss.backward()
-            losses.append(loss.item())
+                for part, weight in self._micro_batches(idx):
+                    lp = _log_probs(
+                        self.model, self.cache, self.train, part, self.split, self.letter_ids,
+                        self.family,
+                    )  # fmt: skip
+                    labels = torch.tensor([self.train[i].label for i in part], device=lp.device)
+                    loss = torch.nn.functional.nll_loss(lp, labels)
+                    (loss if weight == 1.0 else loss * weight).backward()
+                    loss_sum += loss.item() * weight
+                    hits += int((lp.argmax(-1) == labels).sum())
+            losses.append(loss_sum)
         if cfg.optimizer == "adamw":
             all_reduce_grads(self.params, self.info)
         opt.step()
-        return losses, int((lp.argmax(-1) == labels).sum()), len(idx)
+        return losses, hits, len(idx)
 
     def state(self) -> dict:
         return {"params": [p.detach().clone() for p in self.params], "opt": self.opt.state_dict()}
@@ -166,9 +221,11 @@ class _LoRASteps(Steps):
 
     def evaluate(self) -> dict:
         cfg, opt = self.cfg, self.opt
+        self.lora_layers.eval()
         metrics = evaluate_mean(
-            self.model, self.eval_cache, self.evals, self.split, self.letter_ids
+            self.model, self.eval_cache, self.evals, self.split, self.letter_ids, self.family
         )
+        self.start_epoch(0)  # back to train mode for the next epoch's steps
         record = {f"{cfg.eval_split}_{k}": v for k, v in metrics.items()}
         if cfg.optimizer == "ivon":
             record["hessian"] = opt.hessian_stats()
@@ -192,44 +249,36 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> Path:
     if post_dir.exists() and reuse_finished(post_dir, finished_settings(post_dir), to_dict(cfg)):
         print(f"[{cfg.stage}] {post_dir} exists with these settings: nothing to do")
         return post_dir
-    info = setup()  # torchrun: one rank per process; otherwise a single process
+    device = resolve_device(cfg.device)
+    info = setup(device)  # torchrun: one rank per process; otherwise a single process
     progress = progress and info.is_main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    loaded = load_checkpoint(cfg.base_dir)
+    loaded = load_checkpoint(cfg.base_dir, device=device, dtype=getattr(torch, cfg.dtype))
     spec = lora_spec(loaded, cfg)
     split = spec.first_layer
     train = prepare_split(loaded, cfg.data_dir, cfg.split, cfg.limit, progress)
     evals = prepare_split(loaded, cfg.data_dir, cfg.eval_split, progress=progress)
     pad = loaded.tokenizer.pad_token_id
     base = loaded.model
-    for p in base.parameters():
-        p.requires_grad_(False)
-    store = cfg.prefix_cache
-    train_cache = CachedPrefix(
-        base, train, split, pad, progress, store, prefix_key(cfg, cfg.split, cfg.limit, split)
-    )
-    eval_cache = CachedPrefix(
-        base, evals, split, pad, progress, store, prefix_key(cfg, cfg.eval_split, None, split)
-    )
-    peft_model = get_peft_model(
-        base,
-        LoraConfig(
-            r=spec.rank,
-            lora_alpha=spec.alpha,
-            lora_dropout=0.0,
-            target_modules=spec.peft_target_regex(),
-        ),
-    )
-    model = peft_model.base_model.model  # the Qwen2-Audio model, LoRA layers injected
-    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    store, fam = cfg.prefix_cache, loaded.family
+    if split == 0:  # LoRA on every layer: nothing below it worth keeping
+        train_cache = LivePrefix(base, train, split, pad, fam)
+        eval_cache = LivePrefix(base, evals, split, pad, fam)
+    else:
+        train_key = prefix_key(cfg, cfg.split, cfg.limit, split)
+        eval_key = prefix_key(cfg, cfg.eval_split, None, split)
+        train_cache = CachedPrefix(base, train, split, pad, progress, store, train_key, fam)
+        eval_cache = CachedPrefix(base, evals, split, pad, progress, store, eval_key, fam)
+    peft_model, named = attach_lora(base, spec, cfg.gradient_checkpointing)
+    model = peft_model.base_model.model  # the base model, LoRA layers injected
     params = [p for _, p in named]
     if cfg.init_from is not None:
         warm_start(named, loaded, spec, cfg.init_from)
     opt = make_optimizer(cfg, params, sync=info.enabled)
     data = (train, train_cache, evals, eval_cache)
-    steps = _LoRASteps(cfg, model, params, opt, data, split, loaded.letter_ids, info)
+    steps = _LoRASteps(cfg, model, params, opt, data, split, loaded, info)
     train_s = run_epochs(
         steps,
         stage=cfg.stage,
@@ -306,9 +355,9 @@ def export(
     for name, p in named:
         module, which = module_of(name)
         key = f"{module}.lora_{which}.weight"
-        mean[key] = p.detach().float().clone()
+        mean[key] = p.detach().float().cpu().clone()  # fp32 on the host, whatever the base
         std[key] = (
-            opt.posterior_std(p).float().clone()
+            opt.posterior_std(p).float().cpu().clone()
             if cfg.optimizer == "ivon"
             else torch.zeros_like(mean[key])
         )

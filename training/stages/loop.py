@@ -22,7 +22,9 @@ import hashlib
 import json
 import os
 import random
+import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,8 +38,22 @@ from training.config import ConfigError
 STATE_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
 # Settings that do not change what a stage produces: its label, where it writes, how many
-# threads compute it, how often it checkpoints, where cached hidden states live.
-RESULT_NEUTRAL = ("stage", "threads", "checkpoint_every", "out_dir", "prefix_cache")
+# threads compute it, how often it checkpoints, where cached hidden states live, and how it is
+# computed (device, recomputed activations, gradients accumulated over micro-batches: the same
+# result up to rounding, as with another thread count).
+RESULT_NEUTRAL = (
+    "stage",
+    "threads",
+    "checkpoint_every",
+    "out_dir",
+    "prefix_cache",
+    "device",
+    "gradient_checkpointing",
+    "micro_batch_size",
+)
+# Result-changing settings added later, with the value every earlier run had: a run recorded
+# without the key counts as having it, so its output is still reused and its state resumed.
+ADDED_DEFAULTS = {"dtype": "float32"}
 # A setting a run may grow and continue from its saved state.
 GROWABLE = "epochs"
 
@@ -48,7 +64,8 @@ def settings_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
     for key in sorted(set(stored) | set(wanted)):
         if not prefix and key in RESULT_NEUTRAL:
             continue
-        a, b = stored.get(key), wanted.get(key)
+        default = None if prefix else ADDED_DEFAULTS.get(key)
+        a, b = stored.get(key, default), wanted.get(key, default)
         if isinstance(a, dict) and isinstance(b, dict):
             out += settings_diff(a, b, f"{prefix}{key}.")
         elif a != b:
@@ -58,7 +75,12 @@ def settings_diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
 
 def fingerprint(cfg_dict: dict) -> str:
     """Fingerprint of a run's result-changing settings, without `epochs` (a run may grow)."""
-    keep = {k: v for k, v in cfg_dict.items() if k not in (*RESULT_NEUTRAL, GROWABLE)}
+    keep = {
+        k: v
+        for k, v in cfg_dict.items()
+        if k not in (*RESULT_NEUTRAL, GROWABLE)
+        and not (k in ADDED_DEFAULTS and v == ADDED_DEFAULTS[k])
+    }
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -132,6 +154,25 @@ def load_state(run_dir: Path, fp: str) -> dict | None:
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     return state
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window on the GPUs in use (the CPU peak is the process's)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+
+
+def peak_memory_mb() -> dict:
+    """Peak memory since `reset_peak_memory`: allocated on each GPU in use (`cuda_mb`), and the
+    process's peak resident set on the host (`host_mb`, since the process started)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"host_mb": rss / (1 << 20) if sys.platform == "darwin" else rss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_mb"] = max(
+            torch.cuda.max_memory_allocated(i) / (1 << 20) for i in range(torch.cuda.device_count())
+        )
+    return out
 
 
 def append_log(run_dir: Path, record: dict) -> None:
@@ -220,6 +261,8 @@ def run_epochs(
         steps.start_epoch(epoch)
         losses: list[float] = []
         hits = seen = 0
+        step_s: list[float] = []
+        reset_peak_memory()
         bar = tqdm(
             total=len(order),
             initial=skip,
@@ -229,9 +272,11 @@ def run_epochs(
         for b, idx in enumerate(order):
             if b < skip:
                 continue
+            t_step = time.perf_counter()
             out = steps.step(idx, step)
             if out is None:
                 continue
+            step_s.append(time.perf_counter() - t_step)
             step_losses, step_hits, step_seen = out
             step += 1
             losses += step_losses
@@ -251,6 +296,9 @@ def run_epochs(
             "loss": sum(losses) / max(1, len(losses)),
             "train_acc": hits / max(1, seen),
             "elapsed_s": time.time() - t0,
+            # this epoch's steps (median: the first steps include warm-up) and peak memory
+            "step_s": float(np.median(step_s)) if step_s else None,
+            "peak_memory_mb": peak_memory_mb(),
             **steps.evaluate(),
         }
         if is_main:

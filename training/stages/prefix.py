@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from app.family import QWEN2_AUDIO, ModelFamily
 from app.forward import prefix_hidden
 from app.modeling import base_identity
 from app.prompt import PROMPT_VERSION
@@ -52,6 +53,7 @@ class CachedPrefix:
     With `store`, they are kept on disk under a key of everything they depend on (the base's
     content, the data, the split and its limit, the first LoRA layer), so later runs on the
     same base (other seeds, optimizers, hyperparameters) load them instead of recomputing.
+    They are kept on the host; `batch` returns them on the model's device.
     """
 
     def __init__(
@@ -63,8 +65,10 @@ class CachedPrefix:
         progress: bool,
         store: Path | None = None,
         key: str = "",
+        family: ModelFamily = QWEN2_AUDIO,
     ):
         self.hidden: list[torch.Tensor] = []
+        self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
         path = Path(store) / f"{key}.pt" if store is not None else None
         if path is not None and path.exists():
             self.hidden = torch.load(path, weights_only=True)
@@ -77,9 +81,9 @@ class CachedPrefix:
             ):
                 chunk = examples[i : i + 16]
                 batch, _ = make_batch(chunk, pad_id)
-                h = prefix_hidden(model, batch, split)  # (b, T, d)
+                h = prefix_hidden(model, batch.to(self.device), split, family)  # (b, T, d)
                 for j, ex in enumerate(chunk):
-                    self.hidden.append(h[j, : len(ex.prepared.prompt.ids)].clone())
+                    self.hidden.append(h[j, : len(ex.prepared.prompt.ids)].to("cpu", copy=True))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs may write it too
@@ -87,4 +91,24 @@ class CachedPrefix:
             tmp.replace(path)
 
     def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_rows([self.hidden[i] for i in idx])
+        h, lengths = pad_rows([self.hidden[i] for i in idx])
+        return h.to(self.device), lengths.to(self.device)
+
+
+class LivePrefix:
+    """The same interface as `CachedPrefix` with nothing cached: the states entering layer
+    `split` are computed per batch (frozen, without gradients). Used when LoRA reaches layer 0,
+    where a cache would only hold the audio tower's output spliced into the token embeddings,
+    (items x T x d) values, which for a 7B base is more memory than recomputing is time."""
+
+    def __init__(self, model, examples: list[Example], split: int, pad_id: int, family) -> None:
+        self.model, self.examples, self.split, self.pad_id = model, examples, split, pad_id
+        self.family = family
+        self.device = next(model.parameters()).device
+
+    def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _ = make_batch([self.examples[i] for i in idx], self.pad_id)
+        batch = batch.to(self.device)
+        with torch.no_grad():
+            h = prefix_hidden(self.model, batch, self.split, self.family)
+        return h, batch.lengths
