@@ -19,6 +19,7 @@ is noticed by its stamp and the identity recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,7 +119,8 @@ def base_identity(model_dir: str | Path) -> str:
         tmp.write_text(json.dumps({"identity": identity, "files": stamp}, indent=2) + "\n")
         os.replace(tmp, path / IDENTITY_FILE)
     except OSError:  # a read-only checkpoint: the identity is recomputed at each load
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only file system unlink fails too
+            tmp.unlink(missing_ok=True)
     return identity
 
 

@@ -165,7 +165,11 @@ def app_outcomes(url: str) -> dict[str, float]:
 
 
 def ready(url: str) -> bool:
-    return httpx.get(url + "/readyz", timeout=5, trust_env=False).status_code == 200
+    """/readyz is 200; a model that failed to load ends the wait at once, with its error."""
+    r = httpx.get(url + "/readyz", timeout=5, trust_env=False)
+    if r.status_code != 200 and r.json().get("status") == "failed":
+        raise AssertionError(f"the model failed to load: {r.json().get('error')}")
+    return r.status_code == 200
 
 
 # ------------------------------------------------------------------ the image alone

@@ -121,6 +121,26 @@ def test_base_identity_is_stored_beside_and_covers_the_tokenizer(tiny_dir, tmp_p
     assert base_identity(copy_dir) not in ("cached", first)
 
 
+def test_base_identity_on_a_read_only_file_system(tiny_dir, tmp_path, monkeypatch):
+    """A base in a read-only image (the container runs --read-only): computed, not stored."""
+    import errno
+    from pathlib import Path
+
+    from app.modeling import IDENTITY_FILE, base_identity
+
+    copy_dir = tmp_path / "ro"
+    shutil.copytree(tiny_dir, copy_dir)
+    (copy_dir / IDENTITY_FILE).unlink(missing_ok=True)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert base_identity(copy_dir) == load_checkpoint(tiny_dir).identity
+    assert not (copy_dir / IDENTITY_FILE).exists()
+
+
 def test_detach_gives_the_base_back_for_a_second_posterior(tiny_dir, posterior_dir, tmp_path):
     from app.modeling import load_checkpoint as load
     from app.posterior import save_posterior
