@@ -14,7 +14,7 @@ from app import audio as audio_mod
 from app.predict import Request
 from app.server import load_predictor
 from app.settings import Settings
-from app.thresholds import threshold_for
+from app.thresholds import default_risk, threshold_for
 
 
 def ask(
@@ -40,7 +40,8 @@ def ask(
     prepared = predictor.prepare(wave, question, choices)
     [pred] = predictor.predict([Request(prepared, samples=samples, seed=seed)])
     calibration = predictor.posterior.calibration if predictor.posterior else None
-    thr = threshold_for(calibration, settings.default_max_risk if max_risk is None else max_risk)
+    risk = default_risk(calibration, settings.default_max_risk) if max_risk is None else max_risk
+    thr = threshold_for(calibration, risk)
     return {
         "answer": choices[pred.answer_index],
         "confidence": round(pred.confidence, 4),

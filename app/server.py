@@ -56,7 +56,7 @@ from app.predict import Predictor
 from app.predict import Request as PredictRequest
 from app.prompt import MIN_CHOICES, PromptError
 from app.settings import Settings
-from app.thresholds import threshold_for
+from app.thresholds import default_risk, lowest_guaranteed_risk, targets, threshold_for
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -85,6 +85,10 @@ class AnswerResponse(BaseModel):
     abstain: bool
     threshold: float | None = Field(description="abstain iff confidence < threshold; null = always")
     max_risk: float | None = Field(description="the calibrated risk target used")
+    lowest_guaranteed_risk: float | None = Field(
+        description="the lowest risk target the posterior guarantees (null: none): ask for at "
+        "least this to get answers"
+    )
     probabilities: dict[str, float]
     uncertainty: Uncertainty
     samples: int = Field(description="posterior samples actually drawn (1 = posterior mean)")
@@ -423,6 +427,23 @@ def create_app(
             status = "draining" if state.engine.draining else "unavailable"
         return JSONResponse({"status": status, "error": why}, status_code=503)
 
+    @app.get("/model")
+    async def model(engine: Annotated[Engine, Depends(require_engine)]):
+        """What is served and which risk targets its calibration guarantees (the page reads it)."""
+        p = engine.predictor
+        calibration = p.posterior.calibration if p.posterior else None
+        s = state.settings
+        return {
+            "base": Path(str(p.loaded.path)).name,
+            "posterior": p.posterior.name if p.posterior else "none",
+            "default_max_risk": default_risk(calibration, s.default_max_risk),
+            "lowest_guaranteed_risk": lowest_guaranteed_risk(calibration),
+            "targets": targets(calibration),
+            "default_samples": s.default_samples,
+            "max_samples": s.max_samples,
+            "max_seconds": p.max_seconds,
+        }
+
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -452,7 +473,8 @@ def create_app(
         k = s.default_samples if samples is None else samples
         if not 1 <= k <= s.max_samples:
             raise InvalidInput(f"samples must be between 1 and {s.max_samples}, got {k}")
-        risk = s.default_max_risk if max_risk is None else max_risk
+        calibration = engine.predictor.posterior.calibration if engine.predictor.posterior else None
+        risk = default_risk(calibration, s.default_max_risk) if max_risk is None else max_risk
         if not (0 < risk < 1) or not math.isfinite(risk):
             raise InvalidInput(f"max_risk must be in (0, 1), got {risk}")
         limits = state.limits
@@ -474,9 +496,7 @@ def create_app(
         # decoding + features are CPU work: off the event loop, like inference
         prepared = await run_in_threadpool(_prepare, engine.predictor, limits, data, question, opts)
         state.metrics.audio_duration.observe(prepared.audio.duration_s)
-        thr = threshold_for(
-            engine.predictor.posterior.calibration if engine.predictor.posterior else None, risk
-        )
+        thr = threshold_for(calibration, risk)
         use_adaptive = s.adaptive if adaptive is None else adaptive
         job = Job(
             PredictRequest(prepared, samples=k, seed=seed),
@@ -500,6 +520,7 @@ def create_app(
             abstain=bool(abstain),
             threshold=thr.value if math.isfinite(thr.value) else None,
             max_risk=thr.max_risk,
+            lowest_guaranteed_risk=lowest_guaranteed_risk(calibration),
             probabilities={c: float(v) for c, v in zip(opts, pred.probs, strict=True)},
             uncertainty=Uncertainty(
                 entropy=pred.entropy,

@@ -28,7 +28,13 @@ class Settings(BaseSettings):
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$", description="model dtype")
     default_samples: int = Field(8, ge=1, description="K when a request gives none")
     max_samples: int = Field(32, ge=1, description="largest K a request may ask for")
-    default_max_risk: float = Field(0.05, gt=0, lt=1, description="risk target when none given")
+    default_max_risk: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="risk target when a request names none; unset = the lowest target the "
+        "posterior's calibration guarantees (a default it cannot meet would abstain on everything)",
+    )
     adaptive: bool = Field(
         True, description="decide at the mean first; sample only near the threshold"
     )

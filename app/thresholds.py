@@ -20,6 +20,47 @@ class Threshold:
     calibrated: bool
 
 
+def lowest_guaranteed_risk(calibration: dict | None) -> float | None:
+    """The smallest target whose threshold met its guarantee on the calibration split (None: no
+    table, or no target met): what a client should ask for at the least."""
+    entries = (calibration or {}).get("targets") or []
+    feasible = [
+        float(e["max_risk"])
+        for e in entries
+        if e.get("feasible", True) and e.get("threshold") is not None
+    ]
+    return min(feasible) if feasible else None
+
+
+FALLBACK_RISK = 0.05  # the default target where the table guarantees none (or there is none)
+
+
+def default_risk(calibration: dict | None, configured: float | None) -> float:
+    """The risk target of a request that names none: the configured one, else the lowest the
+    posterior guarantees, so that a first request is answered where the table allows it."""
+    if configured is not None:
+        return configured
+    lowest = lowest_guaranteed_risk(calibration)
+    return FALLBACK_RISK if lowest is None else lowest
+
+
+def targets(calibration: dict | None) -> list[dict]:
+    """The table for people: [{max_risk, feasible, coverage, threshold}] by target."""
+    entries = (calibration or {}).get("targets") or []
+    out = []
+    for e in sorted(entries, key=lambda e: float(e["max_risk"])):
+        feasible = bool(e.get("feasible", True)) and e.get("threshold") is not None
+        out.append(
+            {
+                "max_risk": float(e["max_risk"]),
+                "feasible": feasible,
+                "coverage": float(e["coverage"]) if e.get("coverage") is not None else None,
+                "threshold": float(e["threshold"]) if feasible else None,
+            }
+        )
+    return out
+
+
 def threshold_for(calibration: dict | None, max_risk: float) -> Threshold:
     """The threshold guaranteeing selective risk <= the largest calibrated target <= max_risk."""
     entries = (calibration or {}).get("targets") or []

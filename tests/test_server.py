@@ -73,9 +73,28 @@ def test_formats_rates_and_channels(client):
         assert r.status_code == 200, (fmt, r.text)
 
 
+def test_default_risk_is_the_lowest_the_posterior_guarantees(client, settings, posterior_dir):
+    # the test posterior guarantees 0.05, 0.1, 0.2, 0.5 and not 0.01
+    r = post(client).json()
+    assert r["max_risk"] == 0.05 and r["threshold"] == 0.9
+    assert r["lowest_guaranteed_risk"] == 0.05
+    info = client.get("/model").json()
+    assert info["default_max_risk"] == 0.05 and info["lowest_guaranteed_risk"] == 0.05
+    assert [t["max_risk"] for t in info["targets"]] == [0.01, 0.05, 0.1, 0.2, 0.5]
+    assert [t["feasible"] for t in info["targets"]] == [False, True, True, True, True]
+    assert info["targets"][0]["threshold"] is None and info["targets"][1]["coverage"] == 0.3
+    # a configured default wins
+    fixed = settings.model_copy(update={"default_max_risk": 0.2})
+    with TestClient(create_app(fixed, load_in_background=False)) as c:
+        r = post(c).json()
+        assert r["max_risk"] == 0.2 and r["threshold"] == 0.4
+        assert c.get("/model").json()["default_max_risk"] == 0.2
+
+
 def test_always_abstain_and_always_answer_targets(client):
     r = post(client, data={"max_risk": "0.01"}).json()
     assert r["abstain"] is True and r["threshold"] is None
+    assert r["lowest_guaranteed_risk"] == 0.05  # what to ask for instead
     r = post(client, data={"max_risk": "0.5"}).json()
     assert r["abstain"] is False and r["threshold"] == 0.0
 

@@ -85,6 +85,14 @@ def test_click_through(live_server, tmp_path):
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
     try:
         driver.get(live_server + "/")
+        # the page starts from the service's default risk target (the lowest the test
+        # posterior guarantees: 0.05; the page's own fallback is 0.2) and lists the targets
+        WebDriverWait(driver, 30).until(
+            lambda d: d.find_element(By.ID, "max_risk").get_attribute("value") == "0.05"
+        )
+        listed = driver.find_element(By.ID, "targets").text
+        assert "error ≤ 5% answering 30% of questions" in listed, listed
+        assert "error ≤ 50% answering 100%" in listed and "1%" not in listed
         driver.find_element(By.ID, "audio").send_keys(str(clip))
         q = driver.find_element(By.ID, "question")
         q.clear()
