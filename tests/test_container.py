@@ -49,7 +49,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "localhost/quaver:cpu"  # what docker-compose.yml names the CPU image (quaver:cpu)
 PROMETHEUS_IMAGE = "localhost/quaver-prometheus:bookworm"
-GRAFANA_IMAGE = "docker.io/grafana/grafana-oss:11.3.1"
+GRAFANA_IMAGE = "grafana/grafana-oss:11.3.1"  # as docker-compose.yml names it
 # podman-compose of this environment first (the dev extra's)
 PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 ENV = {
