@@ -248,6 +248,23 @@ class Engine:
             )
         return None
 
+    def _within_budget(self, jobs: list[Job], ids: list[int]) -> list[list[int]]:
+        """`ids` (one per job, at K rows each) in consecutive groups inside both budgets."""
+        groups: list[list[int]] = []
+        rows = tokens = 0
+        for job, i in zip(jobs, ids, strict=True):
+            k, t = job.request.samples, max(tokens, job.tokens)
+            if groups and (
+                rows + k > self.max_batch_rows or self._cost(rows + k, t) > self.max_batch_tokens
+            ):
+                groups.append([])
+                rows, t = 0, job.tokens
+            if not groups:
+                groups.append([])
+            groups[-1].append(i)
+            rows, tokens = rows + k, t
+        return groups
+
     def _fail_queued(self, err: QuaverError) -> None:
         while not self._queue.empty() or self._carry is not None:
             job = self._next(0)
@@ -295,9 +312,11 @@ class Engine:
             and now < j.deadline
             and abs(preds[i].confidence - j.threshold) <= self.margin
         ]
-        if redo:
-            again, dt2 = self._forward([jobs[i].request for i in redo], [jobs[i] for i in redo])
-            for i, pred in zip(redo, again, strict=True):
+        # The K-sample redo has more rows than the first pass (K per job, not 1), so it runs in
+        # as many passes as the row and token budgets need (each job alone fits: `_refusal`).
+        for part in self._within_budget([jobs[i] for i in redo], redo):
+            again, dt2 = self._forward([jobs[i].request for i in part], [jobs[i] for i in part])
+            for i, pred in zip(part, again, strict=True):
                 preds[i], used[i] = pred, jobs[i].request.samples
                 infer[i] += dt2 * 1000
         return [Outcome(p, u, w, t) for p, u, w, t in zip(preds, used, waits, infer, strict=True)]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -484,3 +485,25 @@ def test_sigterm_drains_and_exits_within_the_grace_period(tmp_path, tiny_dir, po
     print(f"SIGTERM to exit: {waited:.2f} s (grace {grace:g} s)")
     # in-flight work is failed inside the grace period; what follows is the process's own exit
     assert waited < grace + 5, log
+
+
+def test_the_k_sample_redo_stays_inside_the_batch_budgets(predictor):
+    """Adaptive jobs run their first pass at 1 row each; the redo at K rows each is split so
+    that no pass holds more rows or row-tokens than the engine's budgets."""
+    metrics = Metrics()
+    p = prepared(predictor)
+    engine = Engine(predictor, metrics, max_batch_rows=8, adaptive_margin=1.0)
+    jobs = [
+        Job(PredictRequest(p, samples=8, seed=s), threshold=0.5, adaptive=True) for s in range(3)
+    ]
+    out = engine.run_now(jobs)
+    # one first pass of 3 rows, then three redo passes of 8 rows (8 + 8 > 8)
+    assert metrics.batch_size._sum.get() == 3 + 3 * 8
+    assert sum(b.get() for b in metrics.batch_size._buckets) == 4
+    for job, o in zip(jobs, out, strict=True):
+        [direct] = predictor.predict([job.request])
+        assert o.samples_used == 8
+        np.testing.assert_allclose(o.prediction.probs, direct.probs, atol=1e-6)
+    t = len(p.prompt.ids)
+    tight = Engine(predictor, Metrics(), max_batch_tokens=16 * t, adaptive_margin=1.0)
+    assert tight._within_budget(jobs, [0, 1, 2]) == [[0, 1], [2]]
