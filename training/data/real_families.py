@@ -144,6 +144,14 @@ def _event(rec: Recording, pool: Pool, onset: float, dur: float, role: str, **kw
     )
 
 
+def _equal_level(b: SceneBuilder, events: list[Event], snr_db: float) -> None:
+    """Add `events` to the scene at one level: the first at `snr_db`, the rest at its gain (so a
+    question about them never hinges on a level the builder chose per event)."""
+    first = b.add(events[0], snr_db=snr_db)
+    for ev in events[1:]:
+        b.add(dataclasses.replace(ev, gain=first.gain))
+
+
 def _dur(rec: Recording, cap: float) -> float:
     return min(rec.duration_s, cap)
 
@@ -299,9 +307,7 @@ def count_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
     gaps = [float(rng.uniform(ramp(0.6, 0.35, d), ramp(0.8, 0.5, d))) for _ in range(n - 1)]
     onsets, total = layout(rng, [dur] * n, gaps, ctx)
     b = SceneBuilder(total, ctx.bed)
-    first = b.add(_event(rec, pool, onsets[0], dur, "target"), snr_db=ctx.snr_db)
-    for o in onsets[1:]:
-        b.add(_event(rec, pool, o, dur, "target", gain=first.gain))
+    _equal_level(b, [_event(rec, pool, o, dur, "target") for o in onsets], ctx.snr_db)
     scene, mix = b.finish(_peak(rng))
     q, t = _template(
         rng,
@@ -386,9 +392,8 @@ def pitch_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example:
     gaps = [float(rng.uniform(0.12, 0.2)) for _ in range(m - 1)]
     onsets, total = layout(rng, [dur] * m, gaps, ctx)
     b = SceneBuilder(total, ctx.bed)
-    first = b.add(_event(run[0], pool, onsets[0], dur, "target"), snr_db=ctx.snr_db)
-    for r, o in zip(run[1:], onsets[1:], strict=True):
-        b.add(_event(r, pool, o, dur, "target", gain=first.gain))
+    notes = [_event(r, pool, o, dur, "target") for r, o in zip(run, onsets, strict=True)]
+    _equal_level(b, notes, ctx.snr_db)
     scene, mix = b.finish(_peak(rng))
     q, t = _template(
         rng,
@@ -506,8 +511,8 @@ def duration_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example
     clip = max(TWO_SLOT_CLIP_S, ctx.min_duration_s)
     onsets, total = slot_layout(rng, durs, TWO_SLOT_SPACING_S, ctx, clip)
     b = SceneBuilder(total, ctx.bed)
-    first = b.add(_event(rec, pool, onsets[0], durs[0], "first"), snr_db=ctx.snr_db)
-    b.add(_event(rec, pool, onsets[1], durs[1], "second", gain=first.gain))
+    plays = [_event(rec, pool, onsets[i], durs[i], role) for i, role in enumerate(("first", "second"))]
+    _equal_level(b, plays, ctx.snr_db)
     scene, mix = b.finish(_peak(rng))
     templates = (
         ("Which {lab} note lasts longer, the first or the second?", True),
