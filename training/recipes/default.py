@@ -4,7 +4,8 @@
     quaver default --no-ship            # everything but the copy into app/default/
 
 Steps (each cached or resumable, so an interrupted run picks up where it stopped):
-  1. benchmark (`training.data`, seed 0) into work/default/data/bench
+  1. benchmark (`training.data`, seed 0, the real-recording mix of `BENCHMARK`) into
+     work/default/data/bench
   2. base model assembled from the pinned packages (`quaver build-base`) into artifacts/base
   3. stage 1b (`adapt`): AdamW LoRA on the top 4 decoder layers over `pretrain`
      (configs/default-adapt.yaml): the model learns to answer from the audio on the broad split.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.data.families import DEFAULT_FAMILIES
 from training.recipes.flow import (
     OPTIMIZERS,
     calibrate_and_evaluate,
@@ -40,6 +42,23 @@ from training.recipes.flow import (
 )
 
 GOLDEN_FILE = "golden.json"
+# The benchmark the default trains and is measured on (training.data.generate.BenchmarkConfig
+# fields; `DefaultRecipe.sizes` overrides any of them). Real recordings from the training-side
+# Debian packages join every split's rotation, and `test_real` holds recordings of packages never
+# heard in training (docs/real_sounds.md). The synthetic families keep two slots each in
+# `pretrain`'s rotation so that they lose a quarter of their stage-1b items, not half, to the 11
+# real families; `pretrain` grows from 3000 to 3600 for the same reason. 8 % of every split are
+# control items (silence, noise, unrelated recordings: any answer is a guess), so training sees
+# audio with no answer in it and `calib` / `test` measure abstention on it.
+BENCHMARK: dict = {
+    "real_sources": True,
+    "pretrain": 3600,
+    "test": 600,
+    "test_real": 600,
+    "control_fraction": 0.08,
+    "pretrain_weights": {name: 2 for name in DEFAULT_FAMILIES},
+}
+SPLITS = ("test", "test_shift", "test_real")  # evaluated after calibration on `calib`
 PROJECTOR_PREFIX = ("model.multi_modal_projector.",)
 # Question wordings that none of the benchmark's templates use, per family: the prompt format is
 # fixed, but users phrase questions their own way. The choices stay the item's own.
@@ -67,7 +86,7 @@ class DefaultRecipe:
     ship_dir: Path | None = Path("app/default")  # where the shipped files go (None: no ship)
     report: Path | None = Path("docs/default_model.md")  # per-family results (None: none)
     seed: int = 0  # benchmark seed
-    sizes: dict[str, int] = field(default_factory=dict)  # benchmark split sizes (else defaults)
+    sizes: dict = field(default_factory=dict)  # BenchmarkConfig fields over BENCHMARK's
     samples: int = 8  # K for calibration and evaluation
     golden_items: int = 4  # test clips whose answers are recorded in golden.json
     reworded_per_family: int = 20  # test items per family asked with REWORDINGS
@@ -283,7 +302,9 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         json.loads(summary_path.read_text()).get("times_s", {}) if summary_path.exists() else {}
     )
     t0 = time.time()
-    bench = BenchmarkConfig(seed=recipe.seed, workers=recipe.workers, **recipe.sizes)
+    bench = BenchmarkConfig(
+        seed=recipe.seed, workers=recipe.workers, **{**BENCHMARK, **recipe.sizes}
+    )
     timed(times, "data_s", generate_benchmark, bench, recipe.data_dir, progress)
     base = timed(times, "build_base_s", build_base, recipe.base_dir, progress=progress)
     dirs = {"data_dir": str(recipe.data_dir), "base_dir": str(base)}
@@ -301,7 +322,7 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         },
     )
     posts = finetune_pair(cfgs, times, progress)
-    splits = ("test", "test_shift")
+    splits = SPLITS
     t = time.time()
     # Predictions made earlier (by a previous invocation or by `quaver report`) are read back in
     # seconds: the step's time is then the one recorded when it really ran.
