@@ -167,6 +167,42 @@ def record_golden(
     return {"benchmark_seed": bench_seed, "samples": 1, "items": items}
 
 
+def served_results(
+    base: Path,
+    posts: dict[str, Path],
+    data_dir: Path,
+    samples: int,
+    splits: tuple[str, ...],
+    prefix_cache: Path | None = None,
+) -> dict[str, dict[str, dict]]:
+    """{name: {split: served_summary}}: the server's default-target decisions, control abstention
+    and per-family accuracy against chance, from the predictions evaluation cached."""
+    from app.posterior import META_FILE
+    from training.data.manifest import read_manifest
+    from training.eval.predictions import predict_split
+    from training.eval.served import served_summary
+
+    out: dict[str, dict[str, dict]] = {}
+    for name, post in posts.items():
+        k = samples_for(name, samples)
+        calibration = json.loads((Path(post) / META_FILE).read_text())["calibration"]
+        for split in splits:
+            preds = predict_split(
+                base, post, data_dir, split, samples=max(k, 1), prefix_cache=prefix_cache
+            )
+            items = read_manifest(data_dir, split)
+            out.setdefault(name, {})[split] = served_summary(preds, items, calibration, k)
+    return out
+
+
+def synthetic_accuracy(families: dict[str, dict]) -> dict:
+    """Accuracy over the synthetic families (DEFAULT_FAMILIES) of a served_summary's table."""
+    rows = [v for fam, v in families.items() if fam in DEFAULT_FAMILIES]
+    n = sum(v["n"] for v in rows)
+    hits = sum(v["accuracy"] * v["n"] for v in rows)
+    return {"n": n, "accuracy": hits / n if n else None}
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * float(x):.1f}"
 
@@ -183,6 +219,64 @@ def copy_figures(reports: Path, dest: Path) -> list[Path]:
         shutil.copyfile(png, target)
         out.append(target)
     return out
+
+
+def served_section(served: dict) -> list[str]:
+    """Report lines: the default risk target on every split, controls, test_real vs chance."""
+    if not served:
+        return []
+    lines = [
+        "## What the service does at its default risk target",
+        "",
+        "A request that names no `max_risk` gets the lowest target the calibration table",
+        "guarantees (`app/thresholds.py`). Coverage is the share answered (of all items, and of",
+        "the answerable ones); risk is the error rate of the answered items, with its one-sided",
+        "95 % upper bound; controls are silence, noise and unrelated audio (any answer a guess).",
+        "",
+    ]
+    rows = []
+    for name, by_split in served.items():
+        for split, v in by_split.items():
+            d = v["default_target"]
+            ctl = v["controls_abstention"]
+            key = None if d["guaranteed_by"] is None else f"{d['guaranteed_by']:g}"
+            abst = ctl["targets"].get(key, {}).get("abstention") if key else None
+            rows.append(
+                [
+                    name,
+                    split,
+                    f"{d['max_risk']:g}",
+                    _pct(d["coverage"]),
+                    _pct(d["coverage_answerable"]),
+                    f"{_pct(d['risk'])} (<= {_pct(d['risk_upper_bound'])})",
+                    f"{_pct(abst)} of {ctl['n']}",
+                ]
+            )
+    lines += md_table(
+        ["predictor", "split", "target", "coverage", "of answerable", "risk", "controls withheld"],
+        rows,
+    )
+    lines.append("")
+    for name, by_split in served.items():
+        fams = by_split.get("test_real", {}).get("families")
+        if not fams:
+            continue
+        lines += [
+            f"## `test_real` against chance ({name}, the served predictor)",
+            "",
+            "Recordings of packages never heard in training. p: one-sided exact binomial test of",
+            "accuracy > chance.",
+            "",
+        ]
+        lines += md_table(
+            ["family", "n", "accuracy", "chance", "p"],
+            [
+                [f, str(v["n"]), _pct(v["accuracy"]), _pct(v["chance"]), f"{v['p_value']:.1e}"]
+                for f, v in fams.items()
+            ],
+        )
+        lines.append("")
+    return lines
 
 
 def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path:
@@ -205,7 +299,7 @@ def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path
         *md_table(["step", "s"], [[k.removesuffix("_s"), f"{v:.0f}"] for k, v in times.items()]),
         "",
     ]
-    for split in ("test", "test_shift"):
+    for split in SPLITS:
         cols = [
             (name, key) for name in ("ivon", "adamw") for key in res.get(name, {}).get(split, {})
         ]
@@ -225,6 +319,7 @@ def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path
         lines += [f"## Accuracy per family on `{split}`", ""]
         lines += md_table(["family", *(f"{n} {k}" for n, k in cols)], rows)
         lines.append("")
+    lines += served_section(summary.get("served", {}))
     rw = summary["reworded_test_accuracy_ivon_mean"]
     lines += [
         "## Free-form rewordings (IVON posterior mean, `test`)",
@@ -345,6 +440,12 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         name: {split: _headline(res) for split, res in by_split.items()}
         for name, by_split in evals.items()
     }
+    served = served_results(
+        base, posts, recipe.data_dir, recipe.samples, splits, work / "prefix-cache"
+    )
+    for by_split in served.values():
+        if "test" in by_split:
+            by_split["test"]["synthetic"] = synthetic_accuracy(by_split["test"]["families"])
     if not cached or "evaluate_s" not in times:
         times["evaluate_s"] = round(time.time() - t, 1)
     reworded = timed(
@@ -364,6 +465,7 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     summary = {
         "times_s": times,
         "results": results,
+        "served": served,
         "reworded_test_accuracy_ivon_mean": reworded,
         "posteriors": {k: str(v) for k, v in posts.items()},
         "base": str(base),

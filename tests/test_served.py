@@ -1,0 +1,80 @@
+"""training/eval/served.py: the server's threshold rule replayed on cached predictions, on a
+hand-checked example."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.data.manifest import Item
+from training.eval.predictions import SplitPredictions
+from training.eval.served import family_accuracy_vs_chance, served_summary
+
+
+def _item(i: int, family: str, control: str = "") -> Item:
+    diff = {"control": control} if control else {}
+    return Item(f"t-{i}", f"a/{i}.wav", "q?", ("a", "b"), 0, family, "test", 2.0, diff)
+
+
+def _preds(conf: list[float], right: list[bool], families: list[str]) -> SplitPredictions:
+    """Two-choice items: label 0; the top choice has probability conf, on the label iff right."""
+    p = np.array(
+        [[c, 1 - c] if r else [1 - c, c] for c, r in zip(conf, right, strict=True)], np.float32
+    )
+    n = len(conf)
+    return SplitPredictions(
+        p, p[:, None, :].repeat(2, 1), np.zeros(n, int), np.full(n, 2), np.array(families)
+    )
+
+
+CALIB = {
+    "targets": [
+        {"max_risk": 0.05, "threshold": None, "coverage": 0.0, "feasible": False},
+        {"max_risk": 0.1, "threshold": 0.9, "coverage": 0.3, "feasible": True},
+        {"max_risk": 0.2, "threshold": 0.7, "coverage": 0.6, "feasible": True},
+    ]
+}
+
+
+def test_served_summary_by_hand() -> None:
+    # 6 answerable items, 2 controls. Confidence >= 0.9 answers at the default target (0.1, the
+    # lowest feasible): items 0, 1, 2 (one wrong) and control 6 (wrong).
+    conf = [0.95, 0.92, 0.91, 0.8, 0.6, 0.55, 0.93, 0.5]
+    right = [True, True, False, True, True, False, False, True]
+    fams = ["f"] * 6 + ["control"] * 2
+    items = [_item(i, f, "silence" if f == "control" else "") for i, f in enumerate(fams)]
+    out = served_summary(_preds(conf, right, fams), items, CALIB, samples=2)
+    d = out["default_target"]
+    assert d["max_risk"] == 0.1 and d["threshold"] == 0.9
+    assert d["answered"] == 4 and d["coverage"] == pytest.approx(4 / 8)
+    assert d["coverage_answerable"] == pytest.approx(3 / 6)
+    assert d["risk"] == pytest.approx(2 / 4)
+    assert d["within_target"] is False
+    assert 0.5 < d["risk_upper_bound"] < 1.0
+    ctl = out["controls_abstention"]
+    assert ctl["n"] == 2 and ctl["targets"]["0.1"]["abstention"] == pytest.approx(0.5)
+    assert ctl["targets"]["0.05"]["abstention"] == 1.0  # infeasible: abstain on everything
+    f = out["families"]["f"]
+    assert (
+        f["n"] == 6 and f["accuracy"] == pytest.approx(4 / 6) and "control" not in out["families"]
+    )
+    # a configured target overrides the lowest feasible one
+    d2 = served_summary(_preds(conf, right, fams), items, CALIB, 2, configured_risk=0.2)
+    assert d2["default_target"]["threshold"] == 0.7 and d2["default_target"]["answered"] == 5
+
+
+def test_binomial_p_values() -> None:
+    # 30 of 40 right at chance 1/2: P(X >= 30) for Binomial(40, 0.5) = 0.001111 (by hand: sum of
+    # C(40, k) / 2^40 for k = 30..40); 20 of 40 at chance 1/2 is not evidence (p > 0.5).
+    correct = np.array([True] * 30 + [False] * 10 + [True] * 20 + [False] * 20)
+    fams = np.array(["a"] * 40 + ["b"] * 40)
+    out = family_accuracy_vs_chance(correct, fams, np.full(80, 2))
+    assert out["a"]["p_value"] == pytest.approx(0.0011107, rel=1e-3)
+    assert out["b"]["p_value"] > 0.5
+    assert out["a"]["chance"] == 0.5
+
+
+def test_item_count_must_match() -> None:
+    preds = _preds([0.9], [True], ["f"])
+    with pytest.raises(ValueError, match="2 items but predictions for 1"):
+        served_summary(preds, [_item(0, "f"), _item(1, "f")], CALIB, 2)

@@ -1,0 +1,100 @@
+"""What the service would do on a benchmark split: the decisions of the served threshold rule.
+
+`evaluate.py` scores probabilities; this module replays the server's rule on them. For a
+posterior's calibration table (quaver.json "calibration") and the cached predictions of one split
+(`predictions.py`), at the risk target a request gets when it names none (`app.thresholds`):
+
+  - coverage (share answered) over all items and over the answerable ones (not controls);
+  - realised selective risk of the answered items, with a one-sided Clopper-Pearson upper bound,
+    set against the target the threshold guarantees;
+  - abstention on the control items (silence, noise, unrelated audio: `training.data.controls`);
+  - accuracy per family against chance, with a one-sided exact binomial p-value (is the family
+    heard better than guessing?).
+
+    from training.eval.served import served_summary
+    report = served_summary(preds, items, meta["calibration"], samples=8)
+    report["default_target"]["coverage"], report["families"]["sound_class"]["p_value"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from app.thresholds import default_risk, threshold_for
+from training.data.controls import abstention_on_controls, control_mask
+from training.data.manifest import Item
+from training.eval.metrics import confidence, correctness
+from training.eval.predictions import SplitPredictions
+
+
+def _upper_bound(k: int, n: int, delta: float) -> float | None:
+    """One-sided (1 - delta) Clopper-Pearson upper bound of a rate k / n."""
+    if n == 0:
+        return None
+    if k == n:
+        return 1.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(1.0 - delta, k + 1, n - k))
+
+
+def family_accuracy_vs_chance(
+    correct: np.ndarray, families: np.ndarray, n_choices: np.ndarray
+) -> dict[str, dict]:
+    """{family: {n, accuracy, chance, p_value}}: p_value is the one-sided exact binomial test of
+    accuracy > chance (chance = 1 / choices; where a family's items differ in choices, the mean
+    chance is used, which is conservative when the p-value is small). Controls are left out."""
+    from scipy.stats import binomtest
+
+    out: dict[str, dict] = {}
+    for fam in sorted(set(families.tolist()) - {"control"}):
+        sel = families == fam
+        n, k = int(sel.sum()), int(correct[sel].sum())
+        chance = float(np.mean(1.0 / n_choices[sel]))
+        p = binomtest(k, n, chance, alternative="greater").pvalue
+        out[fam] = {"n": n, "accuracy": k / n, "chance": chance, "p_value": float(p)}
+    return out
+
+
+def served_summary(
+    preds: SplitPredictions,
+    items: Sequence[Item],
+    calibration: Mapping,
+    samples: int,
+    configured_risk: float | None = None,
+    delta: float = 0.05,
+) -> dict:
+    """The served rule on one split: see the module docstring. `samples` is the K the server
+    draws (1: the posterior mean); `configured_risk` is QUAVER_DEFAULT_MAX_RISK (None: unset)."""
+    probs = preds.mean_probs if samples <= 1 else preds.bma(samples)
+    if len(items) != len(probs):
+        raise ValueError(f"{len(items)} items but predictions for {len(probs)}")
+    conf = confidence(probs)
+    correct = correctness(probs, preds.labels, preds.n_choices)
+    controls = control_mask(items)
+    risk = default_risk(dict(calibration), configured_risk)
+    thr = threshold_for(dict(calibration), risk)
+    answered = conf >= thr.value
+    n_ans, n_err = int(answered.sum()), int((answered & ~correct).sum())
+    answerable = ~controls
+    return {
+        "n": len(items),
+        "controls": int(controls.sum()),
+        "default_target": {
+            "max_risk": risk,
+            "guaranteed_by": thr.max_risk,
+            "threshold": None if not np.isfinite(thr.value) else float(thr.value),
+            "coverage": n_ans / len(items),
+            "coverage_answerable": float(answered[answerable].mean()) if answerable.any() else None,
+            "answered": n_ans,
+            "risk": n_err / n_ans if n_ans else None,
+            "risk_upper_bound": _upper_bound(n_err, n_ans, delta),
+            # the realised risk is at most the guaranteed target (the guarantee holds with
+            # probability 1 - delta over calibration sets, so one split may exceed it)
+            "within_target": None if not n_ans else bool(n_err / n_ans <= (thr.max_risk or 0)),
+        },
+        "controls_abstention": abstention_on_controls(items, conf, calibration, delta),
+        "families": family_accuracy_vs_chance(correct, preds.families, preds.n_choices),
+    }
