@@ -29,6 +29,10 @@ class Unauthorized(QuaverError):
     status, type = 401, "unauthorized"
 
 
+class NotFound(QuaverError):
+    status, type = 404, "not_found"
+
+
 class BodyTimeout(QuaverError):
     """The request body stopped arriving (QUAVER_BODY_TIMEOUT_S without a byte)."""
 

@@ -44,12 +44,14 @@ from app.errors import (
     BodyTimeout,
     InvalidInput,
     LimitExceeded,
+    NotFound,
     NotReady,
     PayloadTooLarge,
     QuaverError,
     Unauthorized,
     UnsupportedMediaType,
 )
+from app.examples import example_file, list_examples
 from app.limits import RequestLimits
 from app.metrics import Metrics
 from app.predict import Predictor
@@ -451,6 +453,18 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/examples")
+    async def examples():
+        """Example clips to try (question, choices, correct answer, provenance)."""
+        return {"examples": list_examples(state.settings.examples_dir)}
+
+    @app.get("/examples/{name}", include_in_schema=False)
+    async def example_clip(name: str):
+        path = example_file(state.settings.examples_dir, name)
+        if path is None:
+            raise NotFound(f"no example clip {name!r}; GET /examples lists them")
+        return FileResponse(path, media_type="audio/wav")
 
     @app.post("/answer", response_model=AnswerResponse, dependencies=[Depends(check_api_key)])
     async def answer(

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.prompt import MAX_CHOICES, MIN_CHOICES
 
 DEFAULT_POSTERIOR_DIR = Path(__file__).resolve().parent / "default"
+DEFAULT_EXAMPLES_DIR = Path(__file__).resolve().parent / "static" / "examples"
 
 
 class Settings(BaseSettings):
@@ -24,6 +25,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="port to bind")
     model_dir: Path = Field(Path("artifacts/base"), description="base model checkpoint directory")
     posterior_dir: Path = Field(DEFAULT_POSTERIOR_DIR, description="posterior directory")
+    examples_dir: Path = Field(
+        DEFAULT_EXAMPLES_DIR, description="example clips the page at / offers (examples.json)"
+    )
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="torch device")
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16)$", description="model dtype")
     default_samples: int = Field(8, ge=1, description="K when a request gives none")

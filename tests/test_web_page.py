@@ -1,4 +1,5 @@
-"""The page at `/` in headless Chromium: pick a file, ask, see the answer (a real click-through).
+"""The page at `/` in headless Chromium: pick a file, ask, see the answer (a real click-through);
+then one click on an example clip.
 
 Needs Debian's chromium + chromium-driver (installed by `bin/setup --system`) and selenium; the
 screenshot lands in test-artifacts/web_page.png.
@@ -116,5 +117,19 @@ def test_click_through(live_server, tmp_path):
         WebDriverWait(driver, 30).until(
             lambda d: "invalid_input" in d.find_element(By.ID, "error").text
         )
+        # One click on an example clip (the shipped app/static/examples) loads it, fills in its
+        # question and choices, asks, and shows the correct answer beside the model's.
+        buttons = driver.find_elements(By.CSS_SELECTOR, "#example_buttons button.example")
+        assert len(buttons) == 4, [b.text for b in buttons]
+        assert "sound class (real recording)" in [b.text for b in buttons]
+        buttons[1].click()
+        WebDriverWait(driver, 60).until(
+            lambda d: d.find_element(By.ID, "truth").text.startswith("Correct answer:")
+        )
+        assert driver.find_element(By.ID, "error").text == ""
+        assert driver.find_element(By.ID, "question").get_attribute("value").endswith("?")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#probs tr")) >= 3
+        assert "tuxpaint-stamps-default" in driver.find_element(By.ID, "example_note").text
+        driver.save_screenshot(str(ARTIFACTS / "web_page_example.png"))
     finally:
         driver.quit()

@@ -16,7 +16,8 @@ Steps (each cached or resumable, so an interrupted run picks up where it stopped
   5. guaranteed-risk thresholds on `calib`; metrics on `test` and `test_shift` (plots in
      work/default/reports/), and on free-form rewordings of the test questions
   6. ship: the IVON posterior + the trained projector (a base overlay, app/overlay.py) + answers
-     recorded for a few fixed test clips (`golden.json`, checked by tests/test_default_model.py)
+     recorded for a few fixed test clips (`golden.json`, checked by tests/test_default_model.py),
+     and the web page's example clips (training/recipes/examples.py, app/static/examples/)
 Wall-clock time per step goes to work/default/default.json and to the shipped quaver.json.
 """
 
@@ -84,6 +85,7 @@ class DefaultRecipe:
     base_dir: Path = Path("artifacts/base")  # assembled base (shared with `quaver serve`)
     configs: Path = Path("configs")  # default-{adapt,ivon,adamw}.yaml
     ship_dir: Path | None = Path("app/default")  # where the shipped files go (None: no ship)
+    examples_dir: Path | None = Path("app/static/examples")  # the page's clips (with ship_dir)
     report: Path | None = Path("docs/default_model.md")  # per-family results (None: none)
     seed: int = 0  # benchmark seed
     sizes: dict = field(default_factory=dict)  # BenchmarkConfig fields over BENCHMARK's
@@ -365,7 +367,12 @@ def ship(recipe: DefaultRecipe, trained_base: Path, posterior: Path, summary: di
         meta["recipe"] = {"command": "quaver default", **summary}
         (tmp / "quaver.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
 
-    return save_atomic(Path(recipe.ship_dir), write)
+    shipped = save_atomic(Path(recipe.ship_dir), write)
+    if recipe.examples_dir is not None:
+        from training.recipes.examples import write_examples
+
+        write_examples(recipe.data_dir, Path(recipe.examples_dir))
+    return shipped
 
 
 def _headline(res: dict) -> dict:
