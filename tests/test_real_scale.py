@@ -107,3 +107,45 @@ def test_device_and_dtype_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="micro_batch_size"):
         FinetuneConfig(batch_size=4, micro_batch_size=8)
     assert FinetuneConfig(device="cuda:1").device == "cuda:1"
+
+
+def test_evaluation_in_bf16_is_cached_apart_and_agrees(trained, tmp_path):
+    """predict_split / calibrate_posterior with the base in bf16: its own prediction and prefix
+    caches (the fp32 keys are unchanged), float32 probabilities close to the fp32 ones, and the
+    calibration table says which dtype it was made in."""
+    import json
+    import shutil
+
+    from training.eval.evaluate import calibrate_posterior
+    from training.eval.predictions import _cache_path, is_cached, predict_split
+    from training.stages.prefix import prefix_cache_key
+
+    cfg, trained_dir = trained
+    post_dir = shutil.copytree(trained_dir, tmp_path / "posterior")  # calibrate writes into it
+    data = cfg.data_dir
+    assert (
+        prefix_cache_key(cfg.base_dir, data, "test", 2)
+        == prefix_cache_key(cfg.base_dir, data, "test", 2, dtype="float32")
+        != prefix_cache_key(cfg.base_dir, data, "test", 2, dtype="bfloat16")
+    )
+    assert "bfloat16" not in _cache_path(post_dir, data, "test", 4, 0).name
+    assert _cache_path(post_dir, data, "test", 4, 0, "bfloat16").name.startswith(
+        "test-K4-s0-bfloat16-"
+    )
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        out[dtype] = predict_split(
+            cfg.base_dir, post_dir, data, "test", samples=4, progress=False, dtype=dtype
+        )
+        assert is_cached(post_dir, data, "test", 4, dtype=dtype)
+        assert out[dtype].sample_probs.dtype == np.float32
+    gap = np.abs(out["float32"].sample_probs - out["bfloat16"].sample_probs).max()
+    assert gap < BF16_SERVE_ATOL, gap
+    table = calibrate_posterior(
+        cfg.base_dir, post_dir, data, "calib", samples=4, progress=False, dtype="bfloat16"
+    )
+    assert table["dtype"] == "bfloat16"
+    meta = json.loads((post_dir / "quaver.json").read_text())
+    assert meta["calibration"]["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16"):
+        predict_split(cfg.base_dir, post_dir, data, "test", samples=1, dtype="float16")

@@ -165,6 +165,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         out_dir=Path(args.out) if args.out else None,
         seed=args.seed,
         prefix_cache=Path(args.prefix_cache) if args.prefix_cache else None,
+        device=args.device,
+        dtype=args.dtype,
     )
     print(format_table(res))
     if args.out:
@@ -184,6 +186,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         method=args.method,
         seed=args.seed,
         prefix_cache=Path(args.prefix_cache) if args.prefix_cache else None,
+        device=args.device,
+        dtype=args.dtype,
     )
     for t in table["targets"]:
         thr = "abstain always" if t["threshold"] is None else f"threshold {t['threshold']:.4f}"
@@ -208,6 +212,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         data_dir=Path(args.data) if args.data else None,
         threads=args.threads,
         samples=tuple(int(k) for k in args.ks.split(",") if k.strip()),
+        device=args.device,
     )
     results = run_report(cfg)
     for g in results["goals"]:
@@ -310,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="folder for hidden states below the LoRA layers, reused across posteriors",
         )
+        e.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+        e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
         if name == "evaluate":
             e.add_argument("--out", default=None, help="folder for metrics.json and plots")
             e.set_defaults(func=cmd_evaluate)
@@ -327,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--base", default=None, help="override both configs' base_dir")
     r.add_argument("--data", default=None, help="override both configs' data_dir")
     r.add_argument("--threads", type=int, default=0, help="torch threads for prediction")
+    r.add_argument("--device", default=None, help="prediction device (default: each run's own)")
     r.add_argument("--ks", default="1,4,8,16,32", help="IVON BMA sample counts (must include 8)")
     r.set_defaults(func=cmd_report)
 

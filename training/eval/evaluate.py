@@ -33,7 +33,18 @@ def predictor_probs(preds: SplitPredictions, samples: int) -> np.ndarray:
     return preds.mean_probs if samples <= 1 else preds.bma(samples)
 
 
-def _predict(base_dir, posterior_dir, data_dir, split, samples, seed, progress, prefix_cache):
+def _predict(
+    base_dir,
+    posterior_dir,
+    data_dir,
+    split,
+    samples,
+    seed,
+    progress,
+    prefix_cache,
+    device="cpu",
+    dtype="float32",
+):
     """The cached per-item predictions both commands start from (K = max(samples, 1))."""
     return predict_split(
         Path(base_dir),
@@ -44,6 +55,8 @@ def _predict(base_dir, posterior_dir, data_dir, split, samples, seed, progress, 
         seed=seed,
         progress=progress,
         prefix_cache=prefix_cache,
+        device=device,
+        dtype=dtype,
     )
 
 
@@ -57,10 +70,22 @@ def evaluate_posterior(
     progress: bool = True,
     seed: int = 0,
     prefix_cache: Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
-    """Metrics of the posterior mean and of K-sample BMA on `split` (+ plots when out_dir)."""
+    """Metrics of the posterior mean and of K-sample BMA on `split` (+ plots when out_dir), the
+    base in `dtype` on `device`."""
     preds = _predict(
-        base_dir, posterior_dir, data_dir, split, samples, seed, progress, prefix_cache
+        base_dir,
+        posterior_dir,
+        data_dir,
+        split,
+        samples,
+        seed,
+        progress,
+        prefix_cache,
+        device,
+        dtype,
     )
     results = {
         "split": split,
@@ -110,12 +135,24 @@ def calibrate_posterior(
     progress: bool = True,
     seed: int = 0,
     prefix_cache: Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
-    """Guaranteed-risk thresholds on `split`, written into the posterior's quaver.json."""
+    """Guaranteed-risk thresholds on `split`, written into the posterior's quaver.json (the
+    predictions made with the base in `dtype` on `device`; the table records the dtype)."""
     if split == "test":
         raise ValueError("calibrate on a held-out calibration split, never on test")
     preds = _predict(
-        base_dir, posterior_dir, data_dir, split, samples, seed, progress, prefix_cache
+        base_dir,
+        posterior_dir,
+        data_dir,
+        split,
+        samples,
+        seed,
+        progress,
+        prefix_cache,
+        device,
+        dtype,
     )
     probs = predictor_probs(preds, samples)
     conf = confidence(probs)
@@ -124,6 +161,8 @@ def calibrate_posterior(
         calibrate_table(conf, correct, targets=targets, delta=delta, method=method)
     )
     table.update({"split": split, "samples": samples, "score": "max BMA probability"})
+    if dtype != "float32":
+        table["dtype"] = dtype  # served in another dtype, the thresholds are approximate
     meta_path = Path(posterior_dir) / META_FILE
     meta = json.loads(meta_path.read_text())
     meta["calibration"] = table

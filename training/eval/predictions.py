@@ -31,6 +31,7 @@ from app.predict import Predictor, Request
 from app.prompt import PROMPT_VERSION
 from training.data.manifest import load_audio_file, read_manifest
 from training.stages.batches import pad_rows
+from training.stages.distributed import resolve_device
 from training.stages.prefix import prefix_cache_key
 
 
@@ -45,10 +46,13 @@ class PrefixCache:
         data_dir: Path,
         split: str,
         first_layer: int,
+        dtype: str = "float32",
     ) -> None:
         meta = json.loads((Path(posterior_dir) / "quaver.json").read_text())
         overlay = (meta.get("base", {}).get("overlay") or {}).get("sha256")
-        key = prefix_cache_key(base_dir, data_dir, split, first_layer, overlay_sha=overlay)
+        key = prefix_cache_key(
+            base_dir, data_dir, split, first_layer, overlay_sha=overlay, dtype=dtype
+        )
         self.path = Path(root) / f"{key}.pt"  # the file fine-tuning writes for this split too
         self.rows: list[torch.Tensor] = (
             torch.load(self.path, weights_only=True) if self.path.exists() else []
@@ -84,17 +88,31 @@ class SplitPredictions:
         return self.sample_probs[:, :k].mean(1)
 
 
-def _cache_path(posterior_dir: Path, data_dir: Path, split: str, samples: int, seed: int) -> Path:
+def _cache_path(
+    posterior_dir: Path, data_dir: Path, split: str, samples: int, seed: int, dtype: str = "float32"
+) -> Path:
+    """Keyed by the data, the posterior, split, K, seed, prompt format and (when not float32) the
+    base's dtype; the device is not in the key (the same dtype gives the same answers up to
+    kernel rounding)."""
     meta = (Path(data_dir) / "dataset.json").read_bytes()
     post = (Path(posterior_dir) / "posterior.safetensors").read_bytes()
-    tag = f"{split}|{samples}|{seed}|prompt v{PROMPT_VERSION}".encode()
-    key = hashlib.sha256(meta + post + tag).hexdigest()[:16]
-    return Path(posterior_dir) / "predictions" / f"{split}-K{samples}-s{seed}-{key}.npz"
+    tag = f"{split}|{samples}|{seed}|prompt v{PROMPT_VERSION}"
+    tag += "" if dtype == "float32" else f"|dtype {dtype}"
+    key = hashlib.sha256(meta + post + tag.encode()).hexdigest()[:16]
+    dt = "" if dtype == "float32" else f"-{dtype}"
+    return Path(posterior_dir) / "predictions" / f"{split}-K{samples}-s{seed}{dt}-{key}.npz"
 
 
-def is_cached(posterior_dir: Path, data_dir: Path, split: str, samples: int, seed: int = 0) -> bool:
+def is_cached(
+    posterior_dir: Path,
+    data_dir: Path,
+    split: str,
+    samples: int,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> bool:
     """Whether `predict_split` with these arguments would read its answer from disk."""
-    return _cache_path(posterior_dir, data_dir, split, samples, seed).exists()
+    return _cache_path(posterior_dir, data_dir, split, samples, seed, dtype).exists()
 
 
 def predict_split(
@@ -107,17 +125,24 @@ def predict_split(
     batch_size: int = 8,
     progress: bool = True,
     prefix_cache: Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> SplitPredictions:
-    """Mean and K-sample probabilities for every item of `split` (cached on disk)."""
-    cache = _cache_path(posterior_dir, data_dir, split, samples, seed)
+    """Mean and K-sample probabilities for every item of `split` (cached on disk), with the base
+    in `dtype` on `device` (cpu, cuda, cuda:N, auto); the probabilities are float32 either way."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    cache = _cache_path(posterior_dir, data_dir, split, samples, seed, dtype)
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         return SplitPredictions(
             z["mean_probs"], z["sample_probs"], z["labels"], z["n_choices"], z["families"]
         )
-    predictor = Predictor.from_dirs(base_dir, posterior_dir)
+    predictor = Predictor.from_dirs(
+        base_dir, posterior_dir, device=str(resolve_device(device)), dtype=getattr(torch, dtype)
+    )
     pcache = (
-        PrefixCache(prefix_cache, base_dir, posterior_dir, data_dir, split, predictor.split)
+        PrefixCache(prefix_cache, base_dir, posterior_dir, data_dir, split, predictor.split, dtype)
         if prefix_cache is not None
         else None
     )

@@ -73,6 +73,9 @@ class ReportConfig:
     risk_lambda: float = 1.0  # risk-averse score = mean - lambda * std of the chosen option
     batch_size: int = 8  # items per prediction batch
     threads: int = 0  # torch threads for prediction (0 = torch's default)
+    # device for prediction (None: each run's own `device`); the base's dtype is each run's own
+    # `dtype` (a bf16-trained run is evaluated in bf16; the caches keep the two apart)
+    device: str | None = None
     progress: bool = True  # progress bars
     extra: dict = field(default_factory=dict)  # free-form notes copied into results.json
 
@@ -197,6 +200,8 @@ def run_report(cfg: ReportConfig) -> dict:
             batch_size=cfg.batch_size,
             progress=cfg.progress,
             prefix_cache=pcache,
+            device=cfg.device or run.device,
+            dtype=run.dtype,
         )
     times["predict_s"] = round(time.time() - t, 1)
 

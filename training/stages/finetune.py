@@ -113,7 +113,9 @@ def warm_start(named, loaded: LoadedModel, spec: LoRASpec, init_from: Path) -> N
 
 def prefix_key(cfg: FinetuneConfig, data_split: str, limit: int | None, first_layer: int) -> str:
     """Cache key of one split's prefix hidden states (see CachedPrefix)."""
-    return prefix_cache_key(cfg.base_dir, cfg.data_dir, data_split, first_layer, limit)
+    return prefix_cache_key(
+        cfg.base_dir, cfg.data_dir, data_split, first_layer, limit, dtype=cfg.dtype
+    )
 
 
 def _log_probs(model, cache, examples, idx, split, letter_ids, family=QWEN2_AUDIO):

@@ -29,6 +29,7 @@ def prefix_cache_key(
     first_layer: int,
     limit: int | None = None,
     overlay_sha: str | None = None,
+    dtype: str = "float32",
 ) -> str:
     """File stem of one split's cached prefix hidden states (the states entering `first_layer`).
 
@@ -36,7 +37,8 @@ def prefix_cache_key(
     so a split cached by either is reused by the other. It covers everything the states depend
     on: the base's content (app.modeling.base_identity: weights, tokenizer, config), a base
     overlay applied at load (its sha256), the benchmark, the split and its limit, the first LoRA
-    layer, the prompt format (app.prompt.PROMPT_VERSION).
+    layer, the prompt format (app.prompt.PROMPT_VERSION), and the base's dtype when it is not
+    float32 (bf16 states differ; fp32 keys stay what they were before the setting existed).
     """
     h = hashlib.sha256(base_identity(base_dir).encode())
     h.update((Path(data_dir) / "dataset.json").read_bytes())
@@ -44,6 +46,8 @@ def prefix_cache_key(
     h.update(f"|prompt v{PROMPT_VERSION}".encode())
     if overlay_sha is not None:
         h.update(f"|overlay {overlay_sha}".encode())
+    if dtype != "float32":
+        h.update(f"|dtype {dtype}".encode())
     return f"{split}-L{first_layer}-{h.hexdigest()[:16]}"
 
 
