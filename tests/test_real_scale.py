@@ -149,3 +149,24 @@ def test_evaluation_in_bf16_is_cached_apart_and_agrees(trained, tmp_path):
     assert meta["calibration"]["dtype"] == "bfloat16"
     with pytest.raises(ValueError, match="dtype must be float32 or bfloat16"):
         predict_split(cfg.base_dir, post_dir, data, "test", samples=1, dtype="float16")
+
+
+def test_autocast_trains_in_bf16_and_keeps_fp32_state(tiny_dir, toy_bench, tmp_path):
+    """`autocast` on an fp32 base: the forward runs in bf16 (the first step's loss moves by bf16
+    rounding, not by more), the posterior stays fp32, and a run without the setting is still
+    the run it was (ADDED_DEFAULTS)."""
+    from training.stages.loop import settings_diff
+
+    logs, posts = {}, {}
+    for amp in (False, True):
+        cfg = _train(tiny_dir, toy_bench, tmp_path / f"amp{amp}", dtype="float32", autocast=amp)
+        posts[amp] = finetune(cfg, progress=False)
+        logs[amp] = read_log(cfg.out_dir)
+    steps = {amp: [r for r in log if "loss" in r] for amp, log in logs.items()}
+    first = {amp: s[0]["loss"] for amp, s in steps.items()}
+    assert first[False] != first[True]  # bf16 compute really happened
+    assert abs(first[False] - first[True]) < 0.05 * abs(first[False]), first
+    tensors = load_file(posts[True] / "posterior.safetensors")
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert settings_diff({"dtype": "float32"}, {"dtype": "float32", "autocast": False}) == []
+    assert settings_diff({}, {"autocast": True}) == ["autocast: False -> True"]

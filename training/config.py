@@ -153,6 +153,10 @@ class FinetuneConfig:
     # dtype of the frozen base weights: "float32" or "bfloat16". LoRA parameters, IVON state and
     # the exported posterior are float32 whatever this is.
     dtype: str = "float32"
+    # Run the forward passes under torch.autocast(bfloat16) on `device`: matmuls in bf16 on a
+    # float32 base (the usual mixed precision of GPU training). LoRA parameters, their gradients,
+    # the IVON state and the exported posterior stay float32. Changes the result (bf16 rounding).
+    autocast: bool = False
     # Recompute each LoRA decoder layer's activations in the backward pass instead of keeping
     # them (memory for about a third more compute); same result.
     gradient_checkpointing: bool = False

@@ -173,6 +173,13 @@ class _LoRASteps(Steps):
         if self.cfg.gradient_checkpointing:  # HF layers checkpoint only in train mode
             self.lora_layers.train()
 
+    def _amp(self):
+        """torch.autocast(bfloat16) on the model's device when `autocast` is set, else a no-op."""
+        if not self.cfg.autocast:
+            return _null()
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+
     def _micro_batches(self, idx: list[int]) -> list[tuple[list[int], float]]:
         """(indices, weight) of the passes of one step: weights are the micro-batch's share of
         the step's items, so the accumulated gradient is the mean over the whole batch."""
@@ -198,10 +205,11 @@ class _LoRASteps(Steps):
             loss_sum, hits = 0.0, 0
             with ctx:
                 for part, weight in self._micro_batches(idx):
-                    lp = _log_probs(
-                        self.model, self.cache, self.train, part, self.split, self.letter_ids,
-                        self.family,
-                    )  # fmt: skip
+                    with self._amp():
+                        lp = _log_probs(
+                            self.model, self.cache, self.train, part, self.split,
+                            self.letter_ids, self.family,
+                        ).float()  # fmt: skip
                     labels = torch.tensor([self.train[i].label for i in part], device=lp.device)
                     loss = torch.nn.functional.nll_loss(lp, labels)
                     (loss if weight == 1.0 else loss * weight).backward()

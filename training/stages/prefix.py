@@ -111,7 +111,10 @@ class LivePrefix:
         self.device = next(model.parameters()).device
 
     def batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, _ = make_batch([self.examples[i] for i in idx], self.pad_id)
+        # collated outside any autocast (the stored fp16 features are data, not compute); the
+        # frozen layers below run under the caller's autocast when it has one
+        with torch.autocast(self.device.type, enabled=False):
+            batch, _ = make_batch([self.examples[i] for i in idx], self.pad_id)
         batch = batch.to(self.device)
         with torch.no_grad():
             h = prefix_hidden(self.model, batch, self.split, self.family)
