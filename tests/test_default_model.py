@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from app.modeling import load_checkpoint
@@ -107,7 +108,7 @@ def test_shipped_files_are_small_and_complete():
     meta = _shipped_meta()
     for name in ("posterior.safetensors", "quaver.json", "golden.json", OVERLAY_FILE):
         assert (SHIPPED / name).exists(), name
-    total = sum(p.stat().st_size for p in SHIPPED.iterdir())
+    total = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
     assert total < 20 * 2**20  # a few MB: the 650 MB base is rebuilt, never committed
     assert meta["base"]["overlay"]["tensors"]
     assert meta["calibration"]["targets"]
@@ -118,19 +119,17 @@ def test_shipped_files_are_small_and_complete():
 def test_shipped_default_reproduces_recorded_answers(assembled_base, capsys):
     from training.base import build as bm
     from training.cli import main
-    from training.data.generate import BenchmarkConfig, generate_item, wav_bytes
+    from training.data.manifest import SAMPLE_RATE
 
     meta = _shipped_meta()
     assert meta["base"]["recipe_hash"] == bm.recipe_hash()
     assert meta["base"]["identity"] == load_checkpoint(assembled_base).identity
     golden = json.loads((SHIPPED / "golden.json").read_text())
+    assert len(golden["items"]) >= 4
     predictor = load_predictor(Settings(model_dir=str(assembled_base), posterior_dir=str(SHIPPED)))
-    bench = BenchmarkConfig(seed=golden["benchmark_seed"])
     for rec in golden["items"]:
-        gen = generate_item(bench, rec["split"], rec["index"])
-        assert gen.item.question == rec["question"]
-        assert list(gen.item.choices) == rec["choices"]
-        wave = gen.pcm.astype(np.float32) / 32768.0
+        wave, rate = sf.read(SHIPPED / rec["audio"], dtype="float32")  # the test clip, shipped
+        assert rate == SAMPLE_RATE and wave.ndim == 1
         [pred] = predictor.predict(
             [Request(predictor.prepare(wave, rec["question"], rec["choices"]), samples=1)]
         )
@@ -138,10 +137,7 @@ def test_shipped_default_reproduces_recorded_answers(assembled_base, capsys):
         assert pred.answer_index == rec["answer_index"]
     # `quaver ask` answers from the command line through the same loader
     rec = golden["items"][0]
-    clip = assembled_base.parent / "clip.wav"
-    gen = generate_item(bench, rec["split"], rec["index"])
-    clip.write_bytes(wav_bytes(gen.pcm))
-    args = ["ask", str(clip), "--question", rec["question"], "--samples", "4"]
+    args = ["ask", str(SHIPPED / rec["audio"]), "--question", rec["question"], "--samples", "4"]
     for c in rec["choices"]:
         args += ["--choice", c]
     args += ["--model", str(assembled_base), "--posterior", str(SHIPPED)]
@@ -177,7 +173,27 @@ def test_report_tables_every_family_and_predictor(tmp_path):
         (reports / run / "reliability.png").write_bytes(b"png " + run.encode())
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "stale-plot.png").write_bytes(b"old")  # from an earlier report: removed
+    fams = {"sound_class": {"n": 50, "accuracy": 0.6, "chance": 1 / 3, "p_value": 1.2e-4}}
+    summary["served"] = {
+        "ivon": {
+            "test_real": {
+                "default_target": {
+                    "max_risk": 0.2,
+                    "guaranteed_by": 0.2,
+                    "coverage": 0.4,
+                    "coverage_answerable": 0.45,
+                    "risk": 0.15,
+                    "risk_upper_bound": 0.21,
+                },
+                "controls_abstention": {"n": 90, "targets": {"0.2": {"abstention": 0.95}}},
+                "families": fams,
+            }
+        }
+    }
     text = write_report(summary, tmp_path / "r.md", reports).read_text()
+    assert "| ivon | test_real | 0.2 | 40.0 | 45.0 | 15.0 (<= 21.0) | 95.0 of 90 |" in text
+    assert "| sound_class | 50 | 60.0 | 33.3 | 1.2e-04 |" in text
+    assert "`test_real`" in text and "## Accuracy per family on `test_real`" not in text
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == [
         "adamw-test_shift-reliability.png",
         "ivon-test-reliability.png",
@@ -207,7 +223,12 @@ def test_ship_on_the_tiny_model_records_reproducible_answers(tiny_dir, posterior
 
     save_checkpoint(trained.model, trained.tokenizer, aligned)
     recipe = DefaultRecipe(
-        work=tmp_path / "work", base_dir=base, ship_dir=tmp_path / "ship", seed=3, golden_items=3
+        work=tmp_path / "work",
+        base_dir=base,
+        ship_dir=tmp_path / "ship",
+        examples_dir=None,  # the page's clips need the real families (tests/test_examples.py)
+        seed=3,
+        golden_items=3,
     )
     dest = ship(recipe, aligned, posterior_dir, {"times_s": {"total_s": 1.0}})
     golden = json.loads((dest / "golden.json").read_text())
@@ -223,6 +244,7 @@ def test_ship_on_the_tiny_model_records_reproducible_answers(tiny_dir, posterior
 
     for rec, item in zip(golden["items"], read_manifest(data, "test"), strict=False):
         wave = load_audio_file(data, item)
+        assert (dest / rec["audio"]).read_bytes() == (data / item.audio).read_bytes()
         for pred_ in (shipped, direct):
             [p] = pred_.predict([Request(pred_.prepare(wave, rec["question"], rec["choices"]))])
             np.testing.assert_allclose(p.probs, rec["probabilities"], atol=1e-5)

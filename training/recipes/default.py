@@ -141,24 +141,31 @@ def reworded_accuracy(
 
 
 def record_golden(
-    base_dir: Path, posterior_dir: Path, data_dir: Path, n: int, bench_seed: int
+    base_dir: Path, posterior_dir: Path, data_dir: Path, n: int, bench_seed: int, clips: Path
 ) -> dict:
     """Posterior-mean probabilities for the first `n` test items, through a freshly loaded base
-    plus the shipped overlay: what tests/test_default_model.py must reproduce."""
+    plus the shipped overlay: what tests/test_default_model.py must reproduce. The clips are
+    copied into `clips` (the benchmark's real recordings come from Debian packages, so the test
+    reads the clips rather than rendering them again)."""
     from app.predict import Predictor, Request
     from training.data.manifest import load_audio_file, read_manifest
 
     predictor = Predictor.from_dirs(base_dir, posterior_dir)
+    clips = Path(clips)
+    clips.mkdir(parents=True, exist_ok=True)
     items = []
     for index, item in enumerate(read_manifest(Path(data_dir), "test")[:n]):
         prepared = predictor.prepare(
             load_audio_file(Path(data_dir), item), item.question, list(item.choices)
         )
         [pred] = predictor.predict([Request(prepared, samples=1)])
+        shutil.copyfile(Path(data_dir) / item.audio, clips / f"{item.id}.wav")
         items.append(
             {
                 "split": "test",
                 "index": index,
+                "audio": f"{clips.name}/{item.id}.wav",
+                "family": item.family,
                 "question": item.question,
                 "choices": list(item.choices),
                 "label": item.answer_index,
@@ -305,6 +312,8 @@ def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path
         cols = [
             (name, key) for name in ("ivon", "adamw") for key in res.get(name, {}).get(split, {})
         ]
+        if not cols:  # a split this summary has no results for
+            continue
         fams = sorted({f for n, k in cols for f in res[n][split][k]["by_family_accuracy"]})
         rows = [
             [fam, *(_pct(res[n][split][k]["by_family_accuracy"].get(fam)) for n, k in cols)]
@@ -359,7 +368,7 @@ def ship(recipe: DefaultRecipe, trained_base: Path, posterior: Path, summary: di
         shutil.copytree(posterior, tmp, ignore=shutil.ignore_patterns("predictions"))  # no caches
         write_overlay(tmp, load_checkpoint(trained_base).model, PROJECTOR_PREFIX, recipe.base_dir)
         golden = record_golden(
-            recipe.base_dir, tmp, recipe.data_dir, recipe.golden_items, recipe.seed
+            recipe.base_dir, tmp, recipe.data_dir, recipe.golden_items, recipe.seed, tmp / "golden"
         )
         (tmp / GOLDEN_FILE).write_text(json.dumps(golden, indent=2) + "\n")
         meta = json.loads((tmp / "quaver.json").read_text())
