@@ -15,12 +15,12 @@ from training.eval.metrics import aurc, auroc, mutual_information
 from training.eval.predictions import SplitPredictions
 from training.eval.temperature import apply_temperature, fit_temperature
 from training.recipes.report import ReportConfig
+from training.recipes.report_goals import goal_checks
 from training.recipes.report_render import render_markdown
 from training.recipes.report_scores import (
     BMA_TS,
     CONTROLS,
     bootstrap_differences,
-    goal_checks,
     key,
     predictor_names,
     score_seeds,

@@ -33,7 +33,8 @@ bootstrap intervals over items pooled over seeds; with `write_decision` it is st
 posterior's quaver.json for the server. The design goals are computed as PASS/FAIL lines.
 
 This module holds the flow (fine-tune both optimizers per seed through `recipes.flow`, predict,
-score, write); `report_scores` the numbers (predictors, thresholds, aggregation, goals),
+score, write); `report_scores` the numbers (predictors, scores, thresholds, bootstrap,
+aggregation), `report_goals` the PASS/FAIL goals,
 `report_render` the plots and results.md, `training.eval.temperature` the temperature scaling.
 """
 
@@ -55,13 +56,13 @@ from training.eval.decision import write_decision
 from training.eval.predictions import SplitPredictions, predict_split
 from training.eval.selective import DEFAULT_TARGETS
 from training.recipes.flow import OPTIMIZERS, finetune_pair, samples_for
+from training.recipes.report_goals import goal_checks
 from training.recipes.report_render import make_plots, render_markdown
 from training.recipes.report_scores import (
     SPLITS,
     bootstrap_differences,
     ensemble_name,
     ensemble_seeds,
-    goal_checks,
     predictor_names,
     score_seeds,
     summarize_seeds,
