@@ -39,12 +39,13 @@ def ask(
     wave = audio_mod.to_mono_16k(*audio_mod.decode(Path(audio_path).read_bytes()))
     prepared = predictor.prepare(wave, question, choices)
     [pred] = predictor.predict([Request(prepared, samples=samples, seed=seed)])
-    calibration = predictor.posterior.calibration if predictor.posterior else None
+    calibration = predictor.calibration  # the table on the served score
     risk = default_risk(calibration, settings.default_max_risk) if max_risk is None else max_risk
     thr = threshold_for(calibration, risk)
     return {
         "answer": choices[pred.answer_index],
         "confidence": round(pred.confidence, 4),
+        "score": pred.score,
         "abstain": bool(pred.confidence < thr.value),
         "threshold": thr.value if math.isfinite(thr.value) else None,
         "max_risk": thr.max_risk,

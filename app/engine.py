@@ -5,7 +5,8 @@ micro-batch (up to `max_batch_rows` decoder rows = sum of K, and at most `max_ba
 rows x padded prompt tokens, waiting at most `max_wait_ms` for more), runs one `Predictor.predict`
 call for the whole batch, and resolves each job's future. Adaptive jobs are first decided at the
 posterior mean (K=1); only those whose confidence lands within `margin` of their threshold are
-re-run with K samples.
+re-run with K samples. A served score that needs samples (`app.scores.SAMPLE_SCORES`: the
+risk-averse score, mutual information) means nothing at K=1, so then every adaptive job is re-run.
 
 What keeps one request from holding the service (docs/deploy.md, "Bounded work"):
 - backpressure: a full queue raises `Overloaded` at once (HTTP 503 + Retry-After);
@@ -304,13 +305,14 @@ class Engine:
         used = [r.samples for r in first]
         infer = [dt * 1000] * len(jobs)
         now = time.perf_counter()
+        always = self.predictor.needs_samples  # a sample score: K=1 cannot decide
         redo = [
             i
             for i, j in enumerate(jobs)
             if j.adaptive
             and j.request.samples > 1
             and now < j.deadline
-            and abs(preds[i].confidence - j.threshold) <= self.margin
+            and (always or abs(preds[i].confidence - j.threshold) <= self.margin)
         ]
         # The K-sample redo has more rows than the first pass (K per job, not 1), so it runs in
         # as many passes as the row and token budgets need (each job alone fits: `_refusal`).

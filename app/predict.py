@@ -9,6 +9,11 @@ A request with `samples == 1` runs at the posterior mean (the deterministic pass
 draws K independent weight samples and averages their softmax outputs (Bayesian model averaging).
 All requests of one call share one forward pass: audio encoder and the decoder layers below the
 first LoRA layer run once per request (R rows), the layers above at sum(K_i) rows.
+
+With `Predictor(..., decision=Decision(...))` (the server passes the posterior's own, see
+`app.scores`), `probs` are the decision's (temperature-scaled when it says so) and `confidence`
+is its score ("maxprob", "risk_averse" or "mutual_information"), named in `Prediction.score`.
+Without one, confidence is the max BMA probability, as always.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from app.lora import (
 from app.modeling import LoadedModel
 from app.posterior import Posterior
 from app.prompt import PromptIds
+from app.scores import Decision
 
 
 @dataclass(frozen=True)
@@ -62,32 +68,45 @@ class Prediction:
     probs: np.ndarray  # (C,) BMA probabilities over the offered choices
     sample_probs: np.ndarray  # (K, C) per-sample probabilities
     answer_index: int
-    confidence: float  # max of probs
+    confidence: float  # max of probs, or the decision's score (see `score`)
     entropy: float  # H(probs), nats
-    mutual_information: float  # H(probs) - mean_k H(sample_probs[k]), nats
+    mutual_information: float  # H(mean_k p_k) - mean_k H(sample_probs[k]), nats
     agreement: float  # fraction of samples whose argmax equals answer_index
+    score: str = "maxprob"  # what `confidence` is (app.scores.SCORES)
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
     return -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(-1)
 
 
-def summarize(sample_probs: np.ndarray) -> Prediction:
-    """BMA summary of (K, C) per-sample probabilities."""
+def summarize(sample_probs: np.ndarray, decision: Decision | None = None) -> Prediction:
+    """BMA summary of (K, C) per-sample probabilities; with a `decision`, its probabilities
+    (temperature-scaled when it has a temperature) and its score as the confidence."""
     probs = sample_probs.mean(0)
     answer = int(probs.argmax())
-    h = float(_entropy(probs))
-    mi = max(0.0, h - float(_entropy(sample_probs).mean()))
+    mi = max(0.0, float(_entropy(probs)) - float(_entropy(sample_probs).mean()))
     agree = float((sample_probs.argmax(-1) == answer).mean())
-    return Prediction(probs, sample_probs, answer, float(probs[answer]), h, mi, agree)
+    if decision is None:
+        h = float(_entropy(probs))
+        return Prediction(probs, sample_probs, answer, float(probs[answer]), h, mi, agree)
+    shown, conf = decision.apply(sample_probs)  # temperature keeps the argmax
+    shown = shown.astype(np.float32)
+    h = float(_entropy(shown))
+    return Prediction(shown, sample_probs, answer, conf, h, mi, agree, decision.score)
 
 
 class Predictor:
     """Scores multiple-choice questions about audio with a model and (optionally) a posterior."""
 
-    def __init__(self, loaded: LoadedModel, posterior: Posterior | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        posterior: Posterior | None = None,
+        decision: Decision | None = None,
+    ) -> None:
         self.loaded = loaded
         self.posterior = posterior
+        self.decision = decision  # None: confidence = max BMA probability (evaluation's arrays)
         model = loaded.model
         self.split = loaded.num_layers
         self.sampler = None
@@ -107,10 +126,13 @@ class Predictor:
         *,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        use_decision: bool = False,
     ) -> Predictor:
         """Load a base checkpoint and a posterior directory the one way everything does: the
         posterior is validated against the base, then its base overlay (if any, e.g. the
-        default's trained projector) is copied in, then the posterior is attached."""
+        default's trained projector) is copied in, then the posterior is attached.
+        `use_decision`: serve the posterior's "decision" (the server and `quaver ask` do; the
+        evaluation keeps raw probabilities)."""
         from app.modeling import load_checkpoint
         from app.overlay import apply_overlay
         from app.posterior import load_posterior
@@ -118,7 +140,27 @@ class Predictor:
         loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
         posterior = load_posterior(posterior_dir, expected_base=loaded.identity, model=loaded.model)
         apply_overlay(posterior_dir, loaded)
-        return cls(loaded, posterior)
+        # no "decision" stored: exactly the plain max-probability rule (decision None)
+        serve = use_decision and "decision" in posterior.meta
+        return cls(loaded, posterior, Decision.from_meta(posterior.meta) if serve else None)
+
+    @property
+    def calibration(self) -> dict | None:
+        """The threshold table on the served score: the decision's own when it has one, else
+        the posterior's "calibration" (None without a posterior)."""
+        if self.decision is not None and self.decision.calibration is not None:
+            return self.decision.calibration
+        return self.posterior.calibration if self.posterior is not None else None
+
+    @property
+    def score(self) -> str:
+        """Name of the served confidence score."""
+        return self.decision.score if self.decision is not None else "maxprob"
+
+    @property
+    def needs_samples(self) -> bool:
+        """Whether the served score needs K >= 2 samples (adaptive sampling always redoes)."""
+        return self.decision is not None and self.decision.needs_samples
 
     def detach(self) -> None:
         """Give the model back as it was handed in: the posterior mean merged at construction is
@@ -196,7 +238,8 @@ class Predictor:
         for req, k in zip(requests, ks, strict=True):
             c = len(req.prepared.choices)
             # letters -> the user's order of the choices (app.prompt: canonical lettering)
-            out.append(summarize(req.prepared.prompt.to_user_order(probs[start : start + k, :c])))
+            user = req.prepared.prompt.to_user_order(probs[start : start + k, :c])
+            out.append(summarize(user, self.decision))
             start += k
         return out
 

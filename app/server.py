@@ -94,6 +94,11 @@ class AnswerResponse(BaseModel):
     probabilities: dict[str, float]
     uncertainty: Uncertainty
     samples: int = Field(description="posterior samples actually drawn (1 = posterior mean)")
+    score: str = Field(
+        description="which score `confidence` is and the abstention compares with `threshold`: "
+        "maxprob (max averaged probability), risk_averse (mean - lambda x std of the chosen "
+        "option over samples) or mutual_information (minus the samples' mutual information)"
+    )
     model: ModelIds
     timing_ms: Timing
 
@@ -112,6 +117,7 @@ def load_predictor(settings: Settings) -> Predictor:
         settings.posterior_dir,
         device=device,
         dtype=getattr(torch, settings.dtype),
+        use_decision=True,  # the posterior's chosen score and temperature, when it stores one
     )
 
 
@@ -433,11 +439,12 @@ def create_app(
     async def model(engine: Annotated[Engine, Depends(require_engine)]):
         """What is served and which risk targets its calibration guarantees (the page reads it)."""
         p = engine.predictor
-        calibration = p.posterior.calibration if p.posterior else None
+        calibration = p.calibration
         s = state.settings
         return {
             "base": Path(str(p.loaded.path)).name,
             "posterior": p.posterior.name if p.posterior else "none",
+            "score": p.score,
             "default_max_risk": default_risk(calibration, s.default_max_risk),
             "lowest_guaranteed_risk": lowest_guaranteed_risk(calibration),
             "targets": targets(calibration),
@@ -487,7 +494,7 @@ def create_app(
         k = s.default_samples if samples is None else samples
         if not 1 <= k <= s.max_samples:
             raise InvalidInput(f"samples must be between 1 and {s.max_samples}, got {k}")
-        calibration = engine.predictor.posterior.calibration if engine.predictor.posterior else None
+        calibration = engine.predictor.calibration  # the table on the served score
         risk = default_risk(calibration, s.default_max_risk) if max_risk is None else max_risk
         if not (0 < risk < 1) or not math.isfinite(risk):
             raise InvalidInput(f"max_risk must be in (0, 1), got {risk}")
@@ -542,6 +549,7 @@ def create_app(
                 agreement=pred.agreement,
             ),
             samples=out.samples_used,
+            score=pred.score,
             model=ModelIds(
                 base=Path(str(p.loaded.path)).name,
                 posterior=p.posterior.name if p.posterior else "none",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from app.scores import Decision
 from training.eval.metrics import summarize
 from training.eval.predictions import predict_split
 from training.eval.temperature import apply_temperature, fit_temperature
@@ -135,6 +136,11 @@ def report(toy_bench, toy_base, tmp_path_factory):
         str(base),
         "--data",
         str(data),
+        "--ensemble-size",
+        "2",
+        "--n-boot",
+        "50",
+        "--write-decision",
     ]
     assert main(argv) == 0
     return work, base, data
@@ -145,9 +151,13 @@ def test_report_files_cover_every_predictor_and_split(report):
     docs = work / "docs"
     res = json.loads((docs / "results.json").read_text(), parse_constant=_no_nan)  # strict JSON
     md = (docs / "results.md").read_text()
-    cfg = ReportConfig(ivon_config=work / "ivon.yaml", adamw_config=work / "adamw.yaml")
+    cfg = ReportConfig(
+        ivon_config=work / "ivon.yaml", adamw_config=work / "adamw.yaml", ensemble_size=2
+    )
     names = predictor_names(cfg)
-    assert names[0] == "IVON mean" and "IVON BMA K=32" in names and names[-1] == "AdamW + TS"
+    assert names[0] == "IVON mean" and "IVON BMA K=32" in names and "AdamW + TS" in names
+    assert "IVON BMA + TS" in names and names[-1] == "AdamW ensemble (2)"
+    assert res["splits"] == ["test", "test_shift"]  # the toy benchmark has no test_real
     assert (
         res["command"].startswith("quaver report --ivon-config") and "--seeds 0,1" in res["command"]
     )
@@ -170,16 +180,27 @@ def test_report_files_cover_every_predictor_and_split(report):
     assert any((work / "prefix-cache").iterdir())
     # the runs' own training time, summed from each posterior (not this invocation's wall time)
     trained = [
-        json.loads((Path(res["runs"][w][s]) / "quaver.json").read_text())["train_seconds"]
-        for w in ("ivon", "adamw")
-        for s in ("0", "1")
+        json.loads((Path(p) / "quaver.json").read_text())["train_seconds"]
+        for by_seed in res["runs"].values()
+        for p in by_seed.values()
     ]
+    assert len(trained) == 2 + 2 + 2  # IVON, AdamW, and one extra ensemble member per seed
     assert res["times_s"]["finetune_runs_s"] == pytest.approx(sum(trained), abs=0.1)
     assert all(t > 0 for t in trained)
-    # goals are computed, one line each, PASS / FAIL
-    assert len(res["goals"]) == 4 * 2 + 2
-    assert all(g["pass"] in (True, False) for g in res["goals"])
-    assert md.count("**PASS**") + md.count("**FAIL**") == len(res["goals"])
+    # the ensemble's extra AdamW runs (seed + 100) are ordinary resumable runs
+    assert res["runs"]["adamw"]["101"] == str(work / "runs" / "adamw-s101" / "posterior")
+    # goals are computed, one line each, PASS / FAIL (n/a: no test_real, no control items)
+    assert len(res["goals"]) == 4 * 2 + 4 + 2
+    assert all(g["pass"] in (True, False, None) for g in res["goals"])
+    verdicts = md.count("**PASS**") + md.count("**FAIL**") + md.count("**n/a**")
+    assert verdicts == len(res["goals"])
+    # the served choice of each seed is written into its IVON posterior for the server
+    for s in ("0", "1"):
+        meta = json.loads((Path(res["runs"]["ivon"][s]) / "quaver.json").read_text())
+        d = Decision.from_meta(meta)
+        assert d.score == res["decision"][s]["score"]
+        want = res["thresholds"]["per_seed"][s]["served"]["calibration"]
+        assert d.calibration == want
     # thresholds: one row per target, realised numbers consistent with the rule
     rows = res["thresholds"]["summary"]["IVON BMA K=8 | maxprob"]
     assert [r["max_risk"] for r in rows] == [0.01, 0.02, 0.05, 0.1, 0.2]
@@ -218,6 +239,7 @@ def test_report_numbers_equal_recomputed_metrics(report):
             sample_probs=preds.sample_probs[:, :4],
             risks=RISKS,
             coverages=COVERAGES,
+            risk_lambda=res["per_seed"][str(seed)]["risk_lambda"]["IVON BMA K=4"],
         )
         assert res["per_seed"][str(seed)]["test"]["metrics"]["IVON BMA K=4"] == want
     # AdamW + TS: the stored temperature applied to the AdamW probabilities of seed 1

@@ -213,6 +213,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         threads=args.threads,
         samples=tuple(int(k) for k in args.ks.split(",") if k.strip()),
         device=args.device,
+        ensemble_size=args.ensemble_size,
+        n_boot=args.n_boot,
+        write_decision=args.write_decision,
     )
     results = run_report(cfg)
     for g in results["goals"]:
@@ -336,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0, help="torch threads for prediction")
     r.add_argument("--device", default=None, help="prediction device (default: each run's own)")
     r.add_argument("--ks", default="1,4,8,16,32", help="IVON BMA sample counts (must include 8)")
+    r.add_argument("--ensemble-size", type=int, default=4, help="AdamW deep ensemble (1: none)")
+    r.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
+    r.add_argument(
+        "--write-decision",
+        action="store_true",
+        help="store each seed's served score (chosen on calib) in its IVON quaver.json",
+    )
     r.set_defaults(func=cmd_report)
 
     a = sub.add_parser("ask", help="answer one question about an audio file")

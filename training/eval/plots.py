@@ -141,8 +141,11 @@ def confidence_histogram(
     n_bins: int = 20,
     threshold: float | None = None,
     title: str | None = None,
+    groups: tuple[str, str] = ("correct", "wrong"),
 ) -> Path:
-    """Histograms of confidence for correct and for wrong answers, with an optional threshold."""
+    """Histograms of confidence for correct and for wrong answers, with an optional threshold.
+
+    `groups` names the True and False items (e.g. ("answerable", "control") for control items)."""
     conf = np.asarray(confidence, dtype=np.float64)
     right = np.asarray(correct).astype(bool)
     if conf.ndim != 1 or conf.shape != right.shape or conf.size == 0:
@@ -150,8 +153,9 @@ def confidence_histogram(
     fig, (ax,) = _figure(1, (5.5, 4.0))
     lo, hi = min(0.0, float(conf.min())), max(1.0, float(conf.max()))
     edges = np.linspace(lo, hi, n_bins + 1)
-    ax.hist(conf[right], bins=edges, alpha=0.6, color="tab:green", label=f"correct ({right.sum()})")
-    ax.hist(conf[~right], bins=edges, alpha=0.6, color="tab:red", label=f"wrong ({(~right).sum()})")
+    yes, no = groups
+    ax.hist(conf[right], bins=edges, alpha=0.6, color="tab:green", label=f"{yes} ({right.sum()})")
+    ax.hist(conf[~right], bins=edges, alpha=0.6, color="tab:red", label=f"{no} ({(~right).sum()})")
     if threshold is not None and math.isfinite(threshold):
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3f}")
     ax.set(xlabel="confidence", ylabel="items", title=title or "confidence")

@@ -3,9 +3,10 @@
     quaver report --ivon-config configs/default-ivon.yaml \
         --adamw-config configs/default-adamw.yaml --seeds 0,1,2 --work work/default --out docs
 
-One command repeats the whole fine-tuning (IVON and AdamW) once per seed, predicts `calib`,
-`test` and `test_shift` with every posterior, and writes docs/results.md, docs/results.json (the
-same numbers, to compare versions) and PNG plots under docs/results/. It is resumable by
+One command repeats the whole fine-tuning (IVON and AdamW, plus the extra AdamW runs of the deep
+ensemble) once per seed, predicts `calib`, `test`, `test_shift` and, when the benchmark has it,
+`test_real` with every posterior, and writes docs/results.md, docs/results.json (the same
+numbers, to compare versions) and PNG plots under docs/results/. It is resumable by
 construction: `finetune` skips a run whose posterior exists and `predict_split` caches its
 arrays; the hidden states below the LoRA layers are shared by all posteriors through
 `<work>/prefix-cache`. The run of a config's own seed keeps the config's out_dir; other seeds
@@ -13,18 +14,27 @@ go to `<out_dir>-s<seed>`.
 
 Predictors compared (each on every seed):
 - IVON posterior mean (K=1, no noise) and IVON Bayesian model averaging over the first K of 32
-  weight samples, K = 1, 4, 8, 16, 32;
-- AdamW-LoRA, and AdamW-LoRA with temperature scaling fitted on `calib` (`fit_temperature`).
-Confidence scores: the maximum averaged probability, and for IVON BMA the risk-averse score
-(mean minus `risk_lambda` times the std over samples of the chosen option's probability).
+  weight samples, K = 1, 4, 8, 16, 32; IVON BMA + TS (the served K's averaged probabilities
+  temperature-scaled, T fitted on `calib`);
+- AdamW-LoRA, AdamW-LoRA with temperature scaling fitted on `calib` (`fit_temperature`), and a
+  deep ensemble of `ensemble_size` AdamW runs (seeds s, s+100, s+200, s+300 for report seed s;
+  the extra runs go through `seed_config` and `finetune_pair`, so they are resumed like the rest).
+Confidence scores (`app.scores`): the maximum averaged probability; for predictors with samples
+the risk-averse score (mean minus lambda times the std of the chosen option's probability,
+lambda from `risk_lambdas` by lowest calib AURC) and minus the mutual information.
 
 Per predictor and split: accuracy, ECE (15 bins), MCE, NLL, Brier, AUROC, AURC, coverage at
-risk 1/5/10 %, risk at coverage 50/80 %, as mean and std over seeds; guaranteed-risk thresholds
-(SGR, Clopper-Pearson) calibrated on `calib` per seed, with their realised risk and coverage on
-`test` and `test_shift`; and the design goals computed as PASS/FAIL lines.
+risk 1/5/10/20 %, risk at coverage 50/80 %; per (predictor, score): the selective numbers and
+the AUROC of telling control items (family "control") from answerable ones; all as mean and std
+over seeds. Guaranteed-risk thresholds (SGR, Clopper-Pearson) per (predictor, score) calibrated on
+`calib` per seed, with realised risk and coverage on every split. The served IVON pair (predictor
++ score, chosen on calib: `training.eval.decision`) is compared with the baselines by paired
+bootstrap intervals over items pooled over seeds; with `write_decision` it is stored in each IVON
+posterior's quaver.json for the server. The design goals are computed as PASS/FAIL lines.
 
 This module holds the flow (fine-tune both optimizers per seed through `recipes.flow`, predict,
-score, write); `report_scores` the numbers (predictors, thresholds, aggregation, goals),
+score, write); `report_scores` the numbers (predictors, scores, thresholds, bootstrap,
+aggregation), `report_goals` the PASS/FAIL goals,
 `report_render` the plots and results.md, `training.eval.temperature` the temperature scaling.
 """
 
@@ -40,19 +50,25 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from training.data.generate import REAL_SPLITS
+from training.data.manifest import manifest_path
+from training.eval.decision import write_decision
 from training.eval.predictions import SplitPredictions, predict_split
 from training.eval.selective import DEFAULT_TARGETS
 from training.recipes.flow import OPTIMIZERS, finetune_pair, samples_for
+from training.recipes.report_goals import goal_checks
 from training.recipes.report_render import make_plots, render_markdown
 from training.recipes.report_scores import (
     SPLITS,
-    goal_checks,
+    bootstrap_differences,
+    ensemble_name,
+    ensemble_seeds,
     predictor_names,
     score_seeds,
     summarize_seeds,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: scores per predictor, ensemble, controls, bootstrap, served decision
 
 
 @dataclass
@@ -70,7 +86,13 @@ class ReportConfig:
     main_samples: int = 8  # K of the served predictor, the one the goals are checked on
     targets: tuple[float, ...] = DEFAULT_TARGETS  # risk targets of the thresholds
     delta: float = 0.05  # failure probability of each guaranteed threshold
-    risk_lambda: float = 1.0  # risk-averse score = mean - lambda * std of the chosen option
+    # risk-averse score = mean - lambda * std of the chosen option; lambda from this grid by
+    # lowest AURC on calib, per predictor and seed
+    risk_lambdas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    ensemble_size: int = 4  # AdamW deep ensemble members (1: no ensemble row)
+    n_boot: int = 1000  # paired bootstrap resamples of the differences between predictors
+    boot_seed: int = 0
+    write_decision: bool = False  # store each seed's served choice in its IVON quaver.json
     batch_size: int = 8  # items per prediction batch
     threads: int = 0  # torch threads for prediction (0 = torch's default)
     # device for prediction (None: each run's own `device`); the base's dtype is each run's own
@@ -87,6 +109,7 @@ class ReportConfig:
         self.seeds = tuple(int(s) for s in self.seeds)
         self.samples = tuple(sorted(int(k) for k in self.samples))
         self.targets = tuple(sorted(float(t) for t in self.targets))
+        self.risk_lambdas = tuple(sorted(float(x) for x in self.risk_lambdas))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
         if not self.samples or self.samples[0] < 1 or len(set(self.samples)) != len(self.samples):
@@ -97,8 +120,18 @@ class ReportConfig:
             raise ValueError(f"targets must be risks in (0, 1), got {self.targets}")
         if 0.05 not in self.targets:
             raise ValueError("targets must include 0.05 (the goals and plots use it)")
-        if not 0 < self.delta < 1 or self.risk_lambda < 0 or self.batch_size < 1:
-            raise ValueError("need 0 < delta < 1, risk_lambda >= 0 and batch_size >= 1")
+        if not 0 < self.delta < 1 or self.batch_size < 1 or self.n_boot < 1:
+            raise ValueError("need 0 < delta < 1, batch_size >= 1 and n_boot >= 1")
+        if not self.risk_lambdas or self.risk_lambdas[0] < 0:
+            raise ValueError(f"risk_lambdas must be lambdas >= 0, got {self.risk_lambdas}")
+        if self.ensemble_size < 1:
+            raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
+        members = [s + 100 * i for s in self.seeds for i in range(self.ensemble_size)]
+        if len(set(members)) != len(members):
+            raise ValueError(
+                f"seeds {self.seeds} share AdamW ensemble members (seed + 100 i): use seeds "
+                "that differ by something other than a multiple of 100"
+            )
         for path in (self.ivon_config, self.adamw_config):
             if not path.is_file():
                 raise ValueError(f"config file {path} not found")
@@ -120,7 +153,20 @@ def report_command(cfg: ReportConfig) -> str:
         parts.append(f"--data {cfg.data_dir}")
     if cfg.samples != (1, 4, 8, 16, 32):
         parts.append(f"--ks {','.join(map(str, cfg.samples))}")
+    if cfg.ensemble_size != 4:
+        parts.append(f"--ensemble-size {cfg.ensemble_size}")
+    if cfg.n_boot != 1000:
+        parts.append(f"--n-boot {cfg.n_boot}")
+    if cfg.write_decision:
+        parts.append("--write-decision")
     return " ".join(parts)
+
+
+def report_splits(data_dir: Path) -> tuple[str, ...]:
+    """The splits reported: `test`, `test_shift`, and the real-recording splits the benchmark
+    has (`test_real` exists only when it was generated with real sources)."""
+    real = tuple(sp for sp in REAL_SPLITS if manifest_path(data_dir, sp).exists())
+    return (*SPLITS, *real)
 
 
 def seed_config(cfg: ReportConfig, which: str, seed: int):
@@ -172,6 +218,15 @@ def run_report(cfg: ReportConfig) -> dict:
             print(f"[report] fine-tune {which} seed {seed} -> {run.out_dir}", flush=True)
         for which, post in finetune_pair(cfgs, progress=cfg.progress).items():
             runs[which][seed] = post
+    # the deep ensemble's extra AdamW runs (member 0 is the seed's own AdamW run above)
+    extra = sorted(
+        {m for s in cfg.seeds for m in ensemble_seeds(cfg, s)[1:]} if ensemble_name(cfg) else []
+    )
+    for member in extra:
+        run = seed_config(cfg, "adamw", member)
+        run_cfgs[("adamw", member)] = run
+        print(f"[report] fine-tune adamw ensemble member seed {member} -> {run.out_dir}")
+        runs["adamw"][member] = finetune_pair({"adamw": run}, progress=cfg.progress)["adamw"]
     times["finetune_s"] = round(time.time() - t0, 1)
     # Runs finished by an earlier invocation (or by `quaver train`) cost this one nothing: their
     # own training time, recorded in each posterior, is what reproducing them costs.
@@ -187,7 +242,9 @@ def run_report(cfg: ReportConfig) -> dict:
     t = time.time()
     pcache = cfg.work / "prefix-cache"
     preds: dict[tuple[str, int, str], SplitPredictions] = {}
-    jobs = [(w, s, sp) for s in cfg.seeds for w in OPTIMIZERS for sp in ("calib", *SPLITS)]
+    splits = report_splits(run_cfgs[("ivon", cfg.seeds[0])].data_dir)
+    jobs = [(w, s, sp) for s in cfg.seeds for w in OPTIMIZERS for sp in ("calib", *splits)]
+    jobs += [("adamw", m, sp) for m in extra for sp in ("calib", *splits)]
     for which, seed, split in tqdm(jobs, desc="report predictions", disable=not cfg.progress):
         run = run_cfgs[(which, seed)]
         preds[(which, seed, split)] = predict_split(
@@ -207,9 +264,17 @@ def run_report(cfg: ReportConfig) -> dict:
 
     t = time.time()
     names = predictor_names(cfg)
-    per_seed, temperatures, thresholds_seed, pooled = score_seeds(cfg, preds)
-    summary = summarize_seeds(cfg, per_seed, thresholds_seed)
+    per_seed, temperatures, thresholds_seed, pooled = score_seeds(cfg, preds, splits)
+    summary = summarize_seeds(cfg, per_seed, thresholds_seed, splits)
+    boot = bootstrap_differences(cfg, pooled)
     times["metrics_s"] = round(time.time() - t, 1)
+    decisions = {s: per_seed[s]["decision"] for s in per_seed}
+    if cfg.write_decision:
+        for seed in cfg.seeds:
+            d = decisions[str(seed)]
+            table = thresholds_seed[str(seed)][d["key"]]["calibration"]
+            path = write_decision(runs["ivon"][seed], d, table)
+            print(f"[report] served decision of seed {seed} ({d['key']}) -> {path}", flush=True)
 
     main = f"IVON BMA K={cfg.main_samples}"
     first = preds[("ivon", cfg.seeds[0], "test")]
@@ -225,18 +290,29 @@ def run_report(cfg: ReportConfig) -> dict:
             "targets": list(cfg.targets),
             "delta": cfg.delta,
             "threshold_method": "sgr",
-            "risk_lambda": cfg.risk_lambda,
+            "risk_lambdas": list(cfg.risk_lambdas),
+            "ensemble_size": cfg.ensemble_size,
+            "ensemble": ensemble_name(cfg),
+            "n_boot": cfg.n_boot,
+            "bootstrap": "paired percentile, 95%, items pooled over seeds",
             "ece_bins": 15,
             "std": "sample std over seeds (ddof 1)",
             **cfg.extra,
         },
-        "items": {sp: len(preds[("ivon", cfg.seeds[0], sp)].labels) for sp in ("calib", *SPLITS)},
+        "splits": list(splits),
+        "items": {sp: len(preds[("ivon", cfg.seeds[0], sp)].labels) for sp in ("calib", *splits)},
+        "controls": {
+            sp: int((preds[("ivon", cfg.seeds[0], sp)].families == "control").sum())
+            for sp in ("calib", *splits)
+        },
         "n_choices": sorted({int(c) for c in first.n_choices}),
         "runs": {w: {str(s): str(p) for s, p in r.items()} for w, r in runs.items()},
         "temperature": temperatures,
         "predictors": names,
         "aggregate": summary["aggregate"],
-        "aggregate_risk_averse": summary["aggregate_risk_averse"],
+        "aggregate_scores": summary["aggregate_scores"],
+        "decision": decisions,
+        "bootstrap": boot,
         "by_family_accuracy": summary["by_family_accuracy"],
         "thresholds": {"summary": summary["thresholds"], "per_seed": thresholds_seed},
         "per_seed": per_seed,

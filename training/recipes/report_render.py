@@ -9,16 +9,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from app.scores import SAMPLE_SCORES
 from training.recipes.flow import md_table
-from training.recipes.report_scores import COLUMNS, SELECTIVE_KEYS, SPLITS
+from training.recipes.report_scores import (
+    BMA_TS,
+    COLUMNS,
+    CONTROLS,
+    SCORE_COLUMNS,
+    key,
+)
 
 if TYPE_CHECKING:
     from training.recipes.report import ReportConfig
 
 
-def _pool(pooled: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
-    pairs = pooled[key]
-    return np.concatenate([c for c, _ in pairs]), np.concatenate([a for _, a in pairs])
+def _pool(pooled: dict, key_: str) -> tuple[np.ndarray, np.ndarray]:
+    """(score, correct) of one (predictor, score) pair, items pooled over seeds."""
+    items = pooled[key_]
+    return items[0], items[1]
 
 
 def make_plots(cfg: ReportConfig, results: dict, pooled: dict, main: str) -> list[str]:
@@ -26,24 +34,28 @@ def make_plots(cfg: ReportConfig, results: dict, pooled: dict, main: str) -> lis
     from training.eval import plots
 
     folder = cfg.out / "results"
+    splits = results["splits"]
     shown = ["IVON mean", main, "AdamW", "AdamW + TS"]
     written = []
-    for sp in SPLITS:
-        scores = {n: _pool(pooled[sp], f"{n} | maxprob") for n in shown}
+    for sp in splits:
+        scores = {n: _pool(pooled[sp], key(n, "maxprob")) for n in shown}
         written.append(
             plots.reliability_diagram(
                 scores, folder / f"reliability_{sp}.png", title=f"{sp}, items pooled over seeds"
             )
         )
-        rc = dict(scores)
+        # every predictor's max probability, the sample scores of the served K, and the served
+        rc = {n: _pool(pooled[sp], key(n, "maxprob")) for n in results["predictors"]}
         if main != "IVON BMA K=1":
-            rc[f"{main} risk-averse"] = _pool(pooled[sp], f"{main} | risk_averse")
+            for score in SAMPLE_SCORES:
+                rc[f"{main} {score}"] = _pool(pooled[sp], key(main, score))
+        rc["served IVON"] = _pool(pooled[sp], "served")
         written.append(
             plots.risk_coverage_plot(
                 rc,
                 folder / f"risk_coverage_{sp}.png",
-                targets=(0.05, 0.1),
-                title=f"risk-coverage, {sp}",
+                targets=(0.05, 0.1, 0.2),
+                title=f"risk-coverage, {sp}, items pooled over seeds",
             )
         )
         for n, slug in ((main, "ivon"), ("AdamW", "adamw"), ("AdamW + TS", "adamw_ts")):
@@ -70,12 +82,25 @@ def make_plots(cfg: ReportConfig, results: dict, pooled: dict, main: str) -> lis
                 title=f"IVON BMA vs K on {sp} (dashed: AdamW), mean over seeds",
             )
         )
+    ctl = pooled[CONTROLS]
+    if ctl["served"][4].any() and not ctl["served"][4].all():  # control score histograms
+        for k, slug in (("served", "served_ivon"), (key("AdamW + TS", "maxprob"), "adamw_ts")):
+            conf, control = ctl[k][0], ctl[k][4]
+            written.append(
+                plots.confidence_histogram(
+                    conf,
+                    ~control,
+                    folder / f"controls_{slug}.png",
+                    title=f"{k}: control vs answerable items, all splits",
+                    groups=("answerable", "control"),
+                )
+            )
     bars = {}
     for n in shown:
         bars[n] = {}
-        thr = results["thresholds"]["summary"][f"{n} | maxprob"]
+        thr = results["thresholds"]["summary"][key(n, "maxprob")]
         at5 = next(t for t in thr if abs(t["max_risk"] - 0.05) < 1e-12)
-        for sp in SPLITS:
+        for sp in splits:
             agg = results["aggregate"][sp][n]
             bars[n][sp] = {
                 "accuracy": agg["accuracy"]["mean"],
@@ -88,7 +113,7 @@ def make_plots(cfg: ReportConfig, results: dict, pooled: dict, main: str) -> lis
             bars,
             folder / "shift.png",
             metrics=("accuracy", "ece", "nll", "abstain at 5% risk"),
-            title="test vs test_shift, mean over seeds",
+            title=f"{' vs '.join(splits)}, mean over seeds",
         )
     )
     return [str(Path(p).relative_to(cfg.out)) for p in written]
@@ -105,12 +130,28 @@ def _fmt(a: dict | None, pct: bool) -> str:
     return out
 
 
-def render_markdown(results: dict) -> str:
-    """docs/results.md from the results dict (every number also in results.json)."""
+def _verdict(g: dict) -> str:
+    return "n/a" if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")
+
+
+def _diff(d: dict, pct: bool) -> str:
+    """'diff [low, high]' of a bootstrap result, starred when the interval excludes zero."""
+    if d["diff"] is None or d["low"] is None:
+        return "n/a"
+    scale, digits = (100.0, 1) if pct else (1.0, 3)
+    out = f"{scale * d['diff']:+.{digits}f} [{scale * d['low']:+.{digits}f}, "
+    out += f"{scale * d['high']:+.{digits}f}]"
+    return out + (" *" if d["counts"] else "")
+
+
+def _header(results: dict) -> list[str]:
     st = results["settings"]
-    main = st["main_predictor"]
     m = results["machine"]
     seeds = st["seeds"]
+    items = ", ".join(
+        f"{sp} {n} ({results.get('controls', {}).get(sp, 0)} controls)"
+        for sp, n in results["items"].items()
+    )
     lines = [
         "# Quaver results: IVON against AdamW",
         "",
@@ -125,11 +166,12 @@ def render_markdown(results: dict) -> str:
         f"- Machine: {m['platform']}, {m['processor']}, {m['cpus']} CPUs, {m['device']}, "
         f"python {m['python']}, torch {m['torch']}",
         f"- Seeds of the whole fine-tuning: {', '.join(map(str, seeds))}; every number is the "
-        "mean ± sample std (ddof 1) over seeds.",
-        f"- Items: calib {results['items']['calib']}, test {results['items']['test']}, "
-        f"test_shift {results['items']['test_shift']}; choices per item: "
-        f"{', '.join(map(str, results['n_choices']))}.",
-        f"- The served predictor is {main} (max averaged probability as the confidence).",
+        "mean ± sample std (ddof 1) over seeds unless it says pooled.",
+        f"- Items: {items}; choices per item: {', '.join(map(str, results['n_choices']))}.",
+        f"- Reported splits: {', '.join(results['splits'])}; `calib` only fits temperatures, "
+        "lambdas, thresholds and the served choice.",
+        f"- {st['main_predictor']} is the served K; the served IVON predictor and score are "
+        'chosen on calib per seed (section "Served choice").',
         f"- Wall time of the invocation that wrote this: {results['times_s']['total_s']} s "
         f"(fine-tuning {results['times_s']['finetune_s']} s, "
         f"prediction {results['times_s']['predict_s']} s; finished runs and cached predictions "
@@ -145,154 +187,191 @@ def render_markdown(results: dict) -> str:
         )
     lines += ["", "## Goal checks", ""]
     for g in results["goals"]:
-        verdict = "n/a" if g["pass"] is None else ("PASS" if g["pass"] else "FAIL")
-        lines.append(f"- **{verdict}** ({g['split']}) {g['goal']}: {g['detail']}")
+        lines.append(f"- **{_verdict(g)}** ({g['split']}) {g['goal']}: {g['detail']}")
+    return lines
 
-    lines += [
+
+def _metrics_tables(results: dict) -> list[str]:
+    lines = [
         "",
         "## Metrics",
         "",
         "Percent columns are rates x 100. ECE and MCE use 15 equal-width bins; NLL in nats; AURC",
         "is the mean selective risk over all coverages; cov@r% is the largest coverage whose",
         "empirical selective risk is at most r (chosen on the evaluated split itself, as in the",
-        "literature; the guaranteed thresholds below are chosen on calib instead).",
+        "literature; the guaranteed thresholds below are chosen on calib instead). Confidence",
+        "here is the max probability of each predictor.",
     ]
     cols = list(COLUMNS)
-    for sp in SPLITS:
+    for sp in results["splits"]:
         lines += ["", f"### {sp}", ""]
         rows = [
             [n] + [_fmt(results["aggregate"][sp][n][c], COLUMNS[c][1]) for c in cols]
             for n in results["predictors"]
         ]
         lines += md_table(["predictor"] + [COLUMNS[c][0] for c in cols], rows)
+    return lines
 
-    lines += [
+
+def _score_tables(results: dict) -> list[str]:
+    lam = ", ".join(f"{x:g}" for x in results["settings"]["risk_lambdas"])
+    lines = [
         "",
-        "## Risk-averse confidence",
+        "## Scores: max probability, risk-averse, mutual information",
         "",
-        f"Score = mean - {st['risk_lambda']:g} x std over the K samples of the probability of the "
-        "BMA-chosen option (it ranks items; it is not a probability). Same predictions as the "
-        "rows above, only the ranking for abstention changes.",
+        "Same predictions, different rankings for abstention. risk_averse = mean - lambda x std "
+        "over the samples (ensemble: members) of the chosen option's probability, lambda from "
+        f"{{{lam}}} by lowest AURC on calib per predictor and seed; mutual_information ranks by "
+        "minus the samples' mutual information (pure disagreement). AUROC err: telling right "
+        "from wrong answers; AUROC ctrl: telling answerable items from control items (silence, "
+        "noise, unrelated audio), higher score = answerable. `served` is each seed's choice.",
     ]
-    sel = [c for c in cols if c in SELECTIVE_KEYS]
-    for sp in SPLITS:
-        lines += ["", f"### {sp}", ""]
-        rows = []
-        for n in results["aggregate_risk_averse"][sp]:
-            rows.append(
-                [f"{n}, max prob"]
-                + [_fmt(results["aggregate"][sp][n][c], COLUMNS[c][1]) for c in sel]
-            )
-            rows.append(
-                [f"{n}, risk-averse"]
-                + [_fmt(results["aggregate_risk_averse"][sp][n][c], COLUMNS[c][1]) for c in sel]
-            )
-        lines += md_table(["predictor, score"] + [COLUMNS[c][0] for c in sel], rows)
+    cols = list(SCORE_COLUMNS)
+    for sp in (*results["splits"], CONTROLS):
+        agg = results["aggregate_scores"][sp]
+        use = cols if sp != CONTROLS else ["auroc_control"]
+        title = sp if sp != CONTROLS else "controls (the control items of every split)"
+        lines += ["", f"### {title}", ""]
+        rows = [[k] + [_fmt(agg[k].get(c), SCORE_COLUMNS[c][1]) for c in use] for k in agg]
+        lines += md_table(["predictor | score"] + [SCORE_COLUMNS[c][0] for c in use], rows)
+    return lines
 
-    lines += ["", "## Accuracy per family (%)"]
+
+def _served_section(results: dict) -> list[str]:
+    lines = [
+        "",
+        "## Served choice",
+        "",
+        "Per seed, on calib only: the IVON candidates at the served K (max probability, with "
+        "and without temperature, risk-averse, mutual information) ranked by calib AURC; equal "
+        "AURC goes to the lower calib NLL. `quaver report --write-decision` stores the choice, "
+        "its temperature, lambda and threshold table in the IVON posterior's quaver.json, and "
+        'the server then answers with that score (docs/architecture.md, "Served score").',
+        "",
+    ]
+    rows = []
+    for seed, d in results["decision"].items():
+        cands = ", ".join(
+            f"{c['predictor']} {c['score']} {100 * c['aurc']:.2f}" for c in d["candidates"]
+        )
+        t = "-" if d["temperature"] is None else f"{d['temperature']:.3f}"
+        rows.append([seed, d["key"], t, f"{d['risk_lambda']:g}", cands])
+    lines += md_table(["seed", "served", "T", "lambda", "calib AURC % of each candidate"], rows)
+    return lines
+
+
+BOOT_SHOWN = (
+    ("aurc", "AURC %", True),
+    ("coverage_at_risk_0.1", "cov@10%", True),
+    ("nll", "NLL", False),
+    ("ece", "ECE %", True),
+    ("auroc_control", "AUROC ctrl", False),
+)
+
+
+def _bootstrap_section(results: dict) -> list[str]:
+    st = results["settings"]
+    lines = [
+        "",
+        "## Differences with paired bootstrap intervals",
+        "",
+        f"a - b with a {st['bootstrap']} interval ({st['n_boot']} resamples of the items; "
+        "every seed's items enter as their own). * = the interval excludes zero: only those "
+        "differences count. Lower is better for AURC, NLL and ECE; higher for cov@10% and "
+        "AUROC ctrl.",
+    ]
+    for sp, by in results["bootstrap"].items():
+        lines += ["", f"### {sp}", ""]
+        rows = [[pair] + [_diff(by[pair][m], pct) for m, _, pct in BOOT_SHOWN] for pair in by]
+        lines += md_table(["a - b"] + [t for _, t, _ in BOOT_SHOWN], rows)
+    return lines
+
+
+def _family_tables(results: dict) -> list[str]:
+    main = results["settings"]["main_predictor"]
     shown = ["IVON mean", main, "AdamW", "AdamW + TS"]
-    for sp in SPLITS:
+    lines = ["", "## Accuracy per family (%)"]
+    for sp in results["splits"]:
         fams = results["by_family_accuracy"][sp][shown[0]]
         lines += ["", f"### {sp}", ""]
         rows = [
             [f] + [_fmt(results["by_family_accuracy"][sp][n][f], True) for n in shown] for f in fams
         ]
         lines += md_table(["family", *shown], rows)
+    return lines
 
-    lines += [
+
+def _threshold_tables(results: dict) -> list[str]:
+    st = results["settings"]
+    main = st["main_predictor"]
+    splits = results["splits"]
+    lines = [
         "",
         "## Guaranteed-risk thresholds",
         "",
-        f"Per seed and predictor, thresholds are chosen on calib by SGR (Clopper-Pearson bound, "
-        f"confidence {1 - st['delta']:.2f} per target, union bound over the probed thresholds); "
-        "the service abstains iff confidence < threshold. A target no threshold meets on calib "
-        "means abstain always (risk n/a, counted as held). Held = seeds whose realised "
+        f"Per seed and (predictor, score), thresholds are chosen on calib by SGR (Clopper-Pearson "
+        f"bound, confidence {1 - st['delta']:.2f} per target, union bound over the probed "
+        "thresholds); the service abstains iff score < threshold. A target no threshold meets "
+        "on calib means abstain always (risk n/a, counted as held). Held = seeds whose realised "
         "selective risk is at most the target. The guarantee allows a failure with probability "
-        f"{st['delta']:g} per target and seed. AdamW + TS fits its temperature on the same calib.",
+        f"{st['delta']:g} per target and seed. Temperatures are fitted on the same calib.",
     ]
-    for key in (f"{n} | maxprob" for n in shown):
+    shown = [key(n, "maxprob") for n in ("IVON mean", main, BMA_TS, "AdamW", "AdamW + TS")]
+    shown.append("served")
+    header = ["target", "feasible", "cov calib %"]
+    for sp in splits:
+        header += [f"cov {sp} %", f"risk {sp} %", f"held {sp}"]
+    for k in shown:
         rows = []
-        for t in results["thresholds"]["summary"][key]:
-            rows.append(
-                [
-                    f"{100 * t['max_risk']:g}%",
-                    f"{t['feasible_seeds']}/{t['seeds']}",
-                    _fmt(t["coverage_calib"], True),
-                    _fmt(t["coverage_test"], True),
-                    _fmt(t["risk_test"], True),
-                    f"{t['held_test']}/{t['seeds']}",
-                    _fmt(t["abstain_test"], True),
-                    _fmt(t["abstain_test_shift"], True),
-                    _fmt(t["risk_test_shift"], True),
-                    f"{t['held_test_shift']}/{t['seeds']}",
-                ]
-            )
-        lines += ["", f"### {key.replace(' | maxprob', '')}", ""]
-        lines += md_table(
-            [
-                "target",
-                "feasible",
-                "cov calib %",
-                "cov test %",
-                "risk test %",
-                "held test",
-                "abstain test %",
-                "abstain shift %",
-                "risk shift %",
-                "held shift",
-            ],
-            rows,
-        )
-    ra_key = f"{main} | risk_averse"
-    if ra_key in results["thresholds"]["summary"]:
-        rows = [
-            [
+        for t in results["thresholds"]["summary"][k]:
+            row = [
                 f"{100 * t['max_risk']:g}%",
                 f"{t['feasible_seeds']}/{t['seeds']}",
-                _fmt(t["coverage_test"], True),
-                _fmt(t["risk_test"], True),
-                f"{t['held_test']}/{t['seeds']}",
-                _fmt(t["abstain_test"], True),
-                _fmt(t["abstain_test_shift"], True),
+                _fmt(t["coverage_calib"], True),
             ]
-            for t in results["thresholds"]["summary"][ra_key]
-        ]
-        lines += ["", f"### {main}, risk-averse score", ""]
-        lines += md_table(
-            [
-                "target",
-                "feasible",
-                "cov test %",
-                "risk test %",
-                "held test",
-                "abstain test %",
-                "abstain shift %",
-            ],
-            rows,
-        )
+            for sp in splits:
+                row += [
+                    _fmt(t[f"coverage_{sp}"], True),
+                    _fmt(t[f"risk_{sp}"], True),
+                    f"{t[f'held_{sp}']}/{t['seeds']}",
+                ]
+            rows.append(row)
+        lines += ["", f"### {k}", ""]
+        lines += md_table(header, rows)
+    return lines
 
+
+def render_markdown(results: dict) -> str:
+    """docs/results.md from the results dict (every number also in results.json)."""
+    lines = _header(results)
+    lines += _metrics_tables(results)
+    lines += _score_tables(results)
+    lines += _served_section(results)
+    lines += _bootstrap_section(results)
+    lines += _family_tables(results)
+    lines += _threshold_tables(results)
     temps = results["temperature"]
+    bma = {s: d["temperature"][BMA_TS] for s, d in results["per_seed"].items()}
     lines += [
         "",
         "## Temperature scaling",
         "",
-        "AdamW + TS = softmax(log p / T), T minimising the NLL on calib: "
+        "softmax(log p / T), T minimising the NLL on calib. AdamW + TS: "
         + ", ".join(f"seed {s}: T = {t:.3f}" for s, t in temps.items())
+        + f". {BMA_TS} (p = the served K's averaged probabilities): "
+        + ", ".join(f"seed {s}: T = {t:.3f}" for s, t in bma.items())
         + ".",
         "",
         "## Plots",
         "",
         "Items are pooled over seeds in the reliability, risk-coverage and histogram plots; the "
-        "K and shift plots show means over seeds.",
+        "K and shift plots show means over seeds. controls_*.png: the score of answerable and "
+        "of control items, all splits.",
         "",
     ]
     for p in results["plots"]:
         lines.append(f"![{Path(p).stem}]({p})")
-    lines += [
-        "",
-        "## Runs",
-        "",
-    ]
+    lines += ["", "## Runs", ""]
     for which, per in results["runs"].items():
         lines.append(f"- {which}: " + ", ".join(f"seed {s}: `{p}`" for s, p in per.items()))
     return "\n".join(lines) + "\n"

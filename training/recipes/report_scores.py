@@ -1,6 +1,18 @@
-"""The report's numbers: predictors per seed, their metrics and thresholds, aggregation over
-seeds, and the design goals as PASS/FAIL checks (`recipes.report` runs them; `report_render`
-draws and writes them).
+"""The report's numbers: predictors and confidence scores per seed, their metrics and thresholds,
+the served choice, paired bootstrap differences and aggregation over seeds (`recipes.report`
+runs them; `report_goals` turns them into PASS/FAIL goals; `report_render` draws and writes).
+
+Predictors (per seed; temperatures fitted on `calib` only):
+- "IVON mean", "IVON BMA K=k" (mean of the first k sample probabilities);
+- "IVON BMA + TS": softmax(log p / T) of the served K's BMA p, T minimising calib NLL of p (the
+  scaling acts on the log of the averaged probabilities, not on each sample);
+- "AdamW", "AdamW + TS" (same scaling of the AdamW probabilities);
+- "AdamW ensemble (M)": the mean of M AdamW runs' probabilities (seeds s, s+100, ...); its
+  members are its samples, so the sample scores apply to it.
+Scores (`app.scores`, the ones the server can use): "maxprob" for every predictor; for predictors
+with samples (IVON BMA K > 1, the ensemble) also "risk_averse" (mean - lambda * std of the chosen
+option, lambda from `cfg.risk_lambdas` by lowest calib AURC) and "mutual_information"
+(confidence = -MI). Every (predictor, score) gets its own guaranteed-risk table on calib.
 """
 
 from __future__ import annotations
@@ -12,14 +24,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from app.scores import SAMPLE_SCORES, score_values
+from training.eval.bootstrap import paired_bootstrap
+from training.eval.decision import choose_lambda, choose_served
 from training.eval.metrics import (
+    NLL_FLOOR,
     aurc,
     auroc,
     confidence,
     correctness,
     coverage_at_risk,
+    reliability_bins,
     risk_at_coverage,
-    risk_averse_confidence,
     summarize,
 )
 from training.eval.predictions import SplitPredictions
@@ -29,8 +45,9 @@ from training.eval.temperature import apply_temperature, fit_temperature
 if TYPE_CHECKING:
     from training.recipes.report import ReportConfig
 
-SPLITS = ("test", "test_shift")  # reported splits; `calib` only fits T and the thresholds
-RISKS = (0.01, 0.05, 0.1)  # coverage at these selective risks
+SPLITS = ("test", "test_shift")  # always reported; "test_real" too when the benchmark has it
+CONTROLS = "controls"  # the control items of every reported split, against the answerable ones
+RISKS = (0.01, 0.05, 0.1, 0.2)  # coverage at these selective risks
 COVERAGES = (0.5, 0.8)  # selective risk at these coverages
 # metric key -> (column title, shown in percent)
 COLUMNS = {
@@ -44,10 +61,36 @@ COLUMNS = {
     "coverage_at_risk_0.01": ("cov@1%", True),
     "coverage_at_risk_0.05": ("cov@5%", True),
     "coverage_at_risk_0.1": ("cov@10%", True),
+    "coverage_at_risk_0.2": ("cov@20%", True),
     "risk_at_coverage_0.5": ("risk@50%", True),
     "risk_at_coverage_0.8": ("risk@80%", True),
 }
 SELECTIVE_KEYS = tuple(k for k in COLUMNS if k.startswith(("auroc", "aurc", "cov", "risk")))
+# per (predictor, score): the selective columns plus control detection
+SCORE_COLUMNS = {
+    "aurc": ("AURC %", True),
+    "coverage_at_risk_0.05": ("cov@5%", True),
+    "coverage_at_risk_0.1": ("cov@10%", True),
+    "coverage_at_risk_0.2": ("cov@20%", True),
+    "auroc": ("AUROC err", False),
+    "auroc_control": ("AUROC ctrl", False),
+}
+BMA_TS = "IVON BMA + TS"
+
+
+def key(predictor: str, score: str) -> str:
+    """The name of a (predictor, score) pair in results.json."""
+    return f"{predictor} | {score}"
+
+
+def ensemble_name(cfg: ReportConfig) -> str | None:
+    """Row name of the AdamW deep ensemble (None when ensemble_size is 1: not reported)."""
+    return f"AdamW ensemble ({cfg.ensemble_size})" if cfg.ensemble_size > 1 else None
+
+
+def ensemble_seeds(cfg: ReportConfig, seed: int) -> list[int]:
+    """AdamW seeds of report seed `seed`'s ensemble: seed, seed + 100, seed + 200, ..."""
+    return [seed + 100 * i for i in range(cfg.ensemble_size)]
 
 
 @dataclass
@@ -55,7 +98,7 @@ class Scored:
     """One predictor on one split: probabilities, optional samples and its confidence scores."""
 
     probs: np.ndarray  # (n, C) predictive probabilities
-    samples: np.ndarray | None  # (n, K, C) per-sample probabilities (None: deterministic)
+    samples: np.ndarray | None  # (n, K, C) per-sample (or per-member) probabilities
     labels: np.ndarray  # (n,)
     n_choices: np.ndarray  # (n,)
     families: np.ndarray  # (n,)
@@ -64,34 +107,73 @@ class Scored:
     def correct(self) -> np.ndarray:
         return correctness(self.probs, self.labels, self.n_choices)
 
-    def score(self, kind: str, lam: float) -> np.ndarray:
-        """Confidence score (n,): "maxprob" or "risk_averse" (needs samples)."""
+    @property
+    def control(self) -> np.ndarray:
+        """(n,) bool: control items (family "control": no answer is in the audio)."""
+        return np.asarray(self.families) == "control"
+
+    def nll_items(self) -> np.ndarray:
+        """-log p(label) per item (n,)."""
+        p = self.probs[np.arange(len(self.labels)), self.labels]
+        return -np.log(np.maximum(p, NLL_FLOOR))
+
+    def score(self, kind: str, lam: float = 0.0) -> np.ndarray:
+        """Confidence score (n,): "maxprob" of `probs`, or a sample score of `samples`."""
         if kind == "maxprob":
             return confidence(self.probs)
         if self.samples is None:
-            raise ValueError("the risk-averse score needs per-sample probabilities")
-        return risk_averse_confidence(self.samples, lam, self.n_choices)
+            raise ValueError(f"the {kind} score needs per-sample probabilities")
+        return score_values(self.samples, kind, risk_lambda=lam)
 
 
 def predictor_names(cfg: ReportConfig) -> list[str]:
     """Row names of the metrics table, in order."""
-    return ["IVON mean"] + [f"IVON BMA K={k}" for k in cfg.samples] + ["AdamW", "AdamW + TS"]
+    names = ["IVON mean"] + [f"IVON BMA K={k}" for k in cfg.samples] + [BMA_TS]
+    names += ["AdamW", "AdamW + TS"]
+    return names + ([ensemble_name(cfg)] if ensemble_name(cfg) else [])
+
+
+def sample_predictors(cfg: ReportConfig) -> list[str]:
+    """Predictors with samples (the sample scores apply to them)."""
+    out = [f"IVON BMA K={k}" for k in cfg.samples if k > 1]
+    return out + ([ensemble_name(cfg)] if ensemble_name(cfg) else [])
+
+
+def selective_entries(cfg: ReportConfig) -> list[tuple[str, str]]:
+    """(predictor, score) pairs whose thresholds are calibrated and whose ranking is reported."""
+    pairs = [(name, "maxprob") for name in predictor_names(cfg)]
+    return pairs + [(n, s) for n in sample_predictors(cfg) for s in SAMPLE_SCORES]
 
 
 def build_predictors(
-    cfg: ReportConfig, ivon: SplitPredictions, adamw: SplitPredictions, temperature: float
+    cfg: ReportConfig,
+    ivon: SplitPredictions,
+    adamw: SplitPredictions,
+    temperature: float,
+    bma_temperature: float,
+    members: Sequence[SplitPredictions] = (),
 ) -> dict[str, Scored]:
-    """Every predictor of the table on one split of one seed."""
+    """Every predictor of the table on one split of one seed (`members`: the ensemble's AdamW
+    runs, the seed's own first)."""
     meta = (ivon.labels, ivon.n_choices, ivon.families)
-    if not np.array_equal(ivon.labels, adamw.labels):
-        raise ValueError("IVON and AdamW predictions are not on the same items")
+    for other in (adamw, *members):
+        if not np.array_equal(ivon.labels, other.labels):
+            raise ValueError("IVON and AdamW predictions are not on the same items")
     out = {"IVON mean": Scored(ivon.mean_probs, None, *meta)}
     for k in cfg.samples:
         out[f"IVON BMA K={k}"] = Scored(ivon.bma(k), ivon.sample_probs[:, :k], *meta)
+    main = ivon.bma(cfg.main_samples)
+    out[BMA_TS] = Scored(apply_temperature(main, bma_temperature, ivon.n_choices), None, *meta)
     out["AdamW"] = Scored(adamw.mean_probs, None, *meta)
     out["AdamW + TS"] = Scored(
         apply_temperature(adamw.mean_probs, temperature, adamw.n_choices), None, *meta
     )
+    name = ensemble_name(cfg)
+    if name:
+        if len(members) != cfg.ensemble_size:
+            raise ValueError(f"{name} needs {cfg.ensemble_size} members, got {len(members)}")
+        stack = np.stack([m.mean_probs for m in members], axis=1)  # (n, M, C)
+        out[name] = Scored(stack.mean(1), stack, *meta)
     return out
 
 
@@ -109,14 +191,32 @@ def summarize_scored(s: Scored, lam: float) -> dict:
     )
 
 
-def selective_metrics(conf: np.ndarray, correct: np.ndarray) -> dict[str, float | None]:
-    """AUROC, AURC, coverage at RISKS and risk at COVERAGES of any confidence score."""
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def control_auroc(conf: np.ndarray, control: np.ndarray) -> float:
+    """AUROC of telling answerable items (higher score) from control items; nan without both."""
+    answerable = ~np.asarray(control, dtype=bool)
+    if answerable.all() or not answerable.any():
+        return float("nan")
+    return auroc(conf, answerable)
+
+
+def selective_metrics(
+    conf: np.ndarray, correct: np.ndarray, control: np.ndarray | None = None
+) -> dict[str, float | None]:
+    """AUROC, AURC, coverage at RISKS and risk at COVERAGES of any confidence score, and with
+    `control` the AUROC of telling control items apart from answerable ones."""
     out: dict[str, float] = {"auroc": auroc(conf, correct), "aurc": aurc(conf, correct)}
     for r in RISKS:
         out[f"coverage_at_risk_{r:g}"] = coverage_at_risk(conf, correct, r)
     for c in COVERAGES:
         out[f"risk_at_coverage_{c:g}"] = risk_at_coverage(conf, correct, c)
-    return {k: (float(v) if math.isfinite(v) else None) for k, v in out.items()}
+    if control is not None:
+        out["auroc_control"] = control_auroc(conf, control)
+        out["n_control"] = int(np.sum(control))
+    return {k: (v if isinstance(v, int) else _finite(v)) for k, v in out.items()}
 
 
 def realised(conf: np.ndarray, correct: np.ndarray, threshold: float) -> dict:
@@ -133,143 +233,281 @@ def realised(conf: np.ndarray, correct: np.ndarray, threshold: float) -> dict:
     }
 
 
-def selective_entries(cfg: ReportConfig) -> list[tuple[str, str]]:
-    """(predictor, score) pairs whose thresholds are calibrated."""
-    pairs = [(name, "maxprob") for name in predictor_names(cfg)]
-    pairs += [(f"IVON BMA K={k}", "risk_averse") for k in cfg.samples if k > 1]
-    return pairs
+# per-item arrays the bootstrap resamples: (score, correct, -log p(label), max prob, control)
+def _items(s: Scored, conf: np.ndarray) -> tuple[np.ndarray, ...]:
+    return (conf, s.correct, s.nll_items(), confidence(s.probs), s.control)
 
 
-def score_seeds(cfg: ReportConfig, preds: dict) -> tuple[dict, dict, dict, dict]:
-    """Every predictor of every seed on every split, from the cached predictions `preds`
-    ({(optimizer, seed, split): SplitPredictions}): (per-seed metrics, AdamW temperature per
-    seed, per-seed thresholds with their realised risk, scores pooled over seeds for plots)."""
+def _ece(pconf: np.ndarray, correct: np.ndarray) -> float:
+    bins = reliability_bins(np.clip(pconf, 0.0, 1.0), correct, 15)
+    full = bins.count > 0
+    return float((bins.count[full] * bins.gap[full]).sum() / len(correct))
+
+
+# metric of one predictor's per-item arrays (as `_items` packs them), for the paired bootstrap
+BOOT_METRICS = {
+    "aurc": lambda c, ok, nll, pc, ctl: aurc(c, ok),
+    "coverage_at_risk_0.1": lambda c, ok, nll, pc, ctl: coverage_at_risk(c, ok, 0.1),
+    "nll": lambda c, ok, nll, pc, ctl: float(nll.mean()),
+    "ece": lambda c, ok, nll, pc, ctl: _ece(pc, ok),
+    "auroc_control": lambda c, ok, nll, pc, ctl: control_auroc(c, ctl),
+}
+
+
+def comparisons(cfg: ReportConfig) -> list[tuple[str, str]]:
+    """(a, b) pairs whose differences get paired bootstrap intervals; "served" is the IVON
+    predictor and score chosen on calib for each seed."""
+    main = f"IVON BMA K={cfg.main_samples}"
+    pairs = [("served", key("AdamW + TS", "maxprob")), ("served", key("AdamW", "maxprob"))]
+    if ensemble_name(cfg):
+        pairs.append(("served", key(ensemble_name(cfg), "maxprob")))
+    return [*pairs, (key(main, "maxprob"), key("AdamW + TS", "maxprob"))]
+
+
+def served_candidates(
+    cfg: ReportConfig, calib: dict[str, Scored], lambdas: dict[str, float], t_bma: float
+) -> list[dict]:
+    """What IVON can serve at the served K, each measured on calib (AURC of the score, NLL of
+    the probabilities shown)."""
+    main = f"IVON BMA K={cfg.main_samples}"
+    options = [(main, "maxprob", None, 0.0), (BMA_TS, "maxprob", t_bma, 0.0)]
+    if cfg.main_samples > 1:
+        options.append((main, "risk_averse", None, lambdas[main]))
+        options.append((main, "mutual_information", None, 0.0))
+    out = []
+    for pred, score, temp, lam in options:
+        s = calib[pred]
+        out.append(
+            {
+                "predictor": pred,
+                "score": score,
+                "temperature": temp,
+                "risk_lambda": lam,
+                "aurc": float(aurc(s.score(score, lam), s.correct)),
+                "nll": float(s.nll_items().mean()),
+            }
+        )
+    return out
+
+
+def _score_one_seed(cfg: ReportConfig, preds: dict, seed: int, splits: Sequence[str]) -> dict:
+    """Everything of one seed: scored predictors per split, lambdas, temperatures, decision."""
+    cal_adam = preds[("adamw", seed, "calib")]
+    cal_ivon = preds[("ivon", seed, "calib")]
+    temp = fit_temperature(cal_adam.mean_probs, cal_adam.labels, cal_adam.n_choices)
+    t_bma = fit_temperature(cal_ivon.bma(cfg.main_samples), cal_ivon.labels, cal_ivon.n_choices)
+    members = ensemble_seeds(cfg, seed) if ensemble_name(cfg) else []
+    scored = {
+        sp: build_predictors(
+            cfg,
+            preds[("ivon", seed, sp)],
+            preds[("adamw", seed, sp)],
+            temp,
+            t_bma,
+            [preds[("adamw", m, sp)] for m in members],
+        )
+        for sp in ("calib", *splits)
+    }
+    lambdas, lambda_aurc = {}, {}
+    for n in predictor_names(cfg):
+        if n in sample_predictors(cfg):
+            cal = scored["calib"][n]
+            lambdas[n], lambda_aurc[n] = choose_lambda(cal.samples, cal.correct, cfg.risk_lambdas)
+        else:
+            lambdas[n] = 0.0
+    candidates = served_candidates(cfg, scored["calib"], lambdas, t_bma)
+    chosen = choose_served(candidates)
+    chosen["key"] = key(chosen["predictor"], chosen["score"])
+    return {
+        "scored": scored,
+        "temperature": temp,
+        "bma_temperature": t_bma,
+        "lambdas": lambdas,
+        "lambda_aurc": lambda_aurc,
+        "decision": {**chosen, "candidates": candidates, "chosen_on": "calib"},
+    }
+
+
+def score_seeds(
+    cfg: ReportConfig, preds: dict, splits: Sequence[str] = SPLITS
+) -> tuple[dict, dict, dict, dict]:
+    """Every predictor and score of every seed on every split, from the cached predictions
+    `preds` ({(optimizer, seed, split): SplitPredictions}, the ensemble's extra AdamW runs under
+    their own seeds): (per-seed metrics, AdamW temperature per seed, per-seed thresholds with their
+    realised risk, per-item arrays pooled over seeds for plots and the bootstrap)."""
     names = predictor_names(cfg)
     entries = selective_entries(cfg)
     per_seed: dict[str, dict] = {}
-    temperatures: dict[str, float] = {}
+    temperatures: dict[str, float] = {}  # AdamW + TS (IVON BMA + TS: per_seed "temperature")
     thresholds_seed: dict[str, dict] = {}
-    pooled: dict[str, dict[str, list]] = {sp: {} for sp in SPLITS}  # plots pool items over seeds
+    sets = (*splits, CONTROLS)
+    keys = [key(n, score) for n, score in entries]
+    pooled: dict[str, dict[str, list]] = {sp: {} for sp in sets}
     for seed in cfg.seeds:
-        cal_adam = preds[("adamw", seed, "calib")]
-        temp = fit_temperature(cal_adam.mean_probs, cal_adam.labels, cal_adam.n_choices)
-        temperatures[str(seed)] = temp
-        scored = {
-            sp: build_predictors(cfg, preds[("ivon", seed, sp)], preds[("adamw", seed, sp)], temp)
-            for sp in ("calib", *SPLITS)
+        one = _score_one_seed(cfg, preds, seed, splits)
+        scored, lambdas, decision = one["scored"], one["lambdas"], one["decision"]
+        temperatures[str(seed)] = one["temperature"]
+        res: dict = {
+            "temperature": {"AdamW + TS": one["temperature"], BMA_TS: one["bma_temperature"]},
+            "risk_lambda": lambdas,
+            "risk_lambda_calib_aurc": one["lambda_aurc"],
+            "decision": decision,
         }
-        per_seed[str(seed)] = {}
-        for sp in SPLITS:
-            per_seed[str(seed)][sp] = {
-                "metrics": {n: summarize_scored(scored[sp][n], cfg.risk_lambda) for n in names},
-                "risk_averse": {
-                    n: selective_metrics(
-                        scored[sp][n].score("risk_averse", cfg.risk_lambda), scored[sp][n].correct
-                    )
-                    for n, score in entries
-                    if score == "risk_averse"
-                },
+        for sp in splits:
+            res[sp] = {
+                "metrics": {n: summarize_scored(scored[sp][n], lambdas[n]) for n in names},
+                "scores": {},
             }
             for n, score in entries:
                 s = scored[sp][n]
-                pooled[sp].setdefault(f"{n} | {score}", []).append(
-                    (s.score(score, cfg.risk_lambda), s.correct)
-                )
-        thresholds_seed[str(seed)] = {}
-        for n, score in entries:
-            cal = scored["calib"][n]
-            table = table_to_json(
-                calibrate_table(
-                    cal.score(score, cfg.risk_lambda),
-                    cal.correct,
-                    targets=cfg.targets,
-                    delta=cfg.delta,
-                    method="sgr",
-                )
+                conf = s.score(score, lambdas[n])
+                res[sp]["scores"][key(n, score)] = selective_metrics(conf, s.correct, s.control)
+                items = _items(s, conf)
+                pooled[sp].setdefault(key(n, score), []).append(items)
+                pooled[CONTROLS].setdefault(key(n, score), []).append(items)
+        res[CONTROLS] = {}
+        for k in keys:
+            parts = pooled[CONTROLS][k][-len(splits) :]  # this seed's splits
+            conf, ctl = (np.concatenate([p[i] for p in parts]) for i in (0, 4))
+            res[CONTROLS][k] = {
+                "auroc_control": _finite(control_auroc(conf, ctl)),
+                "n_control": int(ctl.sum()),
+                "n": len(ctl),
+            }
+        for sp in sets:
+            pooled[sp].setdefault("served", []).append(
+                _concat(pooled[sp][decision["key"]][-len(splits) :])
+                if sp == CONTROLS
+                else pooled[sp][decision["key"]][-1]
             )
-            entry: dict = {"calibration": table}
-            for sp in SPLITS:
-                s = scored[sp][n]
-                conf, corr = s.score(score, cfg.risk_lambda), s.correct
-                entry[sp] = [
-                    {"max_risk": r, **realised(conf, corr, threshold_for(table, r))}
-                    for r in cfg.targets
-                ]
-            thresholds_seed[str(seed)][f"{n} | {score}"] = entry
+        per_seed[str(seed)] = res
+        thresholds_seed[str(seed)] = _thresholds(cfg, scored, lambdas, entries, splits)
+        thresholds_seed[str(seed)]["served"] = thresholds_seed[str(seed)][decision["key"]]
+    pooled = {sp: {k: _concat(v) for k, v in by.items()} for sp, by in pooled.items()}
     return per_seed, temperatures, thresholds_seed, pooled
 
 
-def summarize_seeds(cfg: ReportConfig, per_seed: dict, thresholds_seed: dict) -> dict:
-    """Mean and std over seeds of every metric, per-family accuracy and threshold outcome."""
+def _concat(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(parts[0])))
+
+
+def _thresholds(
+    cfg: ReportConfig,
+    scored: dict[str, dict[str, Scored]],
+    lambdas: dict[str, float],
+    entries: list[tuple[str, str]],
+    splits: Sequence[str],
+) -> dict:
+    """Per (predictor, score): the guaranteed table on calib and its outcome on every split."""
+    out = {}
+    for n, score in entries:
+        cal = scored["calib"][n]
+        table = table_to_json(
+            calibrate_table(
+                cal.score(score, lambdas[n]),
+                cal.correct,
+                targets=cfg.targets,
+                delta=cfg.delta,
+                method="sgr",
+            )
+        )
+        entry: dict = {"calibration": table}
+        for sp in splits:
+            s = scored[sp][n]
+            conf, corr = s.score(score, lambdas[n]), s.correct
+            entry[sp] = [
+                {"max_risk": r, **realised(conf, corr, threshold_for(table, r))}
+                for r in cfg.targets
+            ]
+        out[key(n, score)] = entry
+    return out
+
+
+def bootstrap_differences(cfg: ReportConfig, pooled: dict) -> dict:
+    """{set: {"a - b": {metric: paired_bootstrap result}}} on items pooled over seeds (each
+    seed's items are its own draws: paired by seed and item)."""
+    out: dict[str, dict] = {}
+    for sp, by in pooled.items():
+        out[sp] = {}
+        for a, b in comparisons(cfg):
+            out[sp][f"{a} - {b}"] = {
+                m: paired_bootstrap(fn, by[a], by[b], n_boot=cfg.n_boot, seed=cfg.boot_seed)
+                for m, fn in BOOT_METRICS.items()
+            }
+    return out
+
+
+def _threshold_rows(cfg: ReportConfig, per_seed_entries: list[dict], splits: Sequence[str]):
+    rows = []
+    for i, r in enumerate(cfg.targets):
+        cal = [e["calibration"]["targets"][i] for e in per_seed_entries]
+        row: dict = {
+            "max_risk": r,
+            "seeds": len(per_seed_entries),
+            "feasible_seeds": sum(c["feasible"] for c in cal),
+            "feasible_per_seed": [bool(c["feasible"]) for c in cal],
+            "coverage_calib": aggregate([c["coverage"] for c in cal]),
+        }
+        for sp in splits:
+            got = [e[sp][i] for e in per_seed_entries]
+            row[f"coverage_{sp}"] = aggregate([x["coverage"] for x in got])
+            row[f"risk_{sp}"] = aggregate([x["risk"] for x in got])
+            row[f"held_{sp}"] = sum(x["risk"] is None or x["risk"] <= r + 1e-12 for x in got)
+            row[f"abstain_{sp}"] = aggregate([x["abstain_rate"] for x in got])
+        rows.append(row)
+    return rows
+
+
+def summarize_seeds(
+    cfg: ReportConfig, per_seed: dict, thresholds_seed: dict, splits: Sequence[str] = SPLITS
+) -> dict:
+    """Mean and std over seeds of every metric, score, per-family accuracy and threshold."""
     names = predictor_names(cfg)
-    entries = selective_entries(cfg)
+    seeds = [str(s) for s in cfg.seeds]
     aggregate_metrics = {
-        sp: {
-            n: _agg_tree([per_seed[str(s)][sp]["metrics"][n]["overall"] for s in cfg.seeds])
-            for n in names
-        }
-        for sp in SPLITS
+        sp: {n: _agg_tree([per_seed[s][sp]["metrics"][n]["overall"] for s in seeds]) for n in names}
+        for sp in splits
     }
-    aggregate_ra = {
-        sp: {
-            n: _agg_tree([per_seed[str(s)][sp]["risk_averse"][n] for s in cfg.seeds])
-            for n in per_seed[str(cfg.seeds[0])][sp]["risk_averse"]
-        }
-        for sp in SPLITS
+    keys = [key(n, sc) for n, sc in selective_entries(cfg)]
+    aggregate_scores = {
+        sp: {k: _agg_tree([per_seed[s][sp]["scores"][k] for s in seeds]) for k in keys}
+        for sp in splits
     }
+    aggregate_scores[CONTROLS] = {
+        k: _agg_tree([per_seed[s][CONTROLS][k] for s in seeds]) for k in keys
+    }
+    for sp in (*splits, CONTROLS):  # the served pair of each seed
+        src = "scores" if sp != CONTROLS else None
+        vals = [
+            (per_seed[s][sp][src] if src else per_seed[s][sp])[per_seed[s]["decision"]["key"]]
+            for s in seeds
+        ]
+        aggregate_scores[sp]["served"] = _agg_tree(vals)
     families = sorted(
-        {
-            f
-            for sp in SPLITS
-            for f in per_seed[str(cfg.seeds[0])][sp]["metrics"][names[0]]["by_family"]
-        }
+        {f for sp in splits for f in per_seed[seeds[0]][sp]["metrics"][names[0]]["by_family"]}
     )
     by_family = {
         sp: {
             n: {
                 f: aggregate(
                     [
-                        per_seed[str(s)][sp]["metrics"][n]["by_family"].get(f, {}).get("accuracy")
-                        for s in cfg.seeds
+                        per_seed[s][sp]["metrics"][n]["by_family"].get(f, {}).get("accuracy")
+                        for s in seeds
                     ]
                 )
                 for f in families
             }
             for n in names
         }
-        for sp in SPLITS
+        for sp in splits
     }
-    thr_summary = {}
-    for n, score in entries:
-        key = f"{n} | {score}"
-        rows = []
-        for i, r in enumerate(cfg.targets):
-            seeds_rows = [thresholds_seed[str(s)][key] for s in cfg.seeds]
-            cal = [e["calibration"]["targets"][i] for e in seeds_rows]
-            test = [e["test"][i] for e in seeds_rows]
-            shift = [e["test_shift"][i] for e in seeds_rows]
-            rows.append(
-                {
-                    "max_risk": r,
-                    "seeds": len(cfg.seeds),
-                    "feasible_seeds": sum(c["feasible"] for c in cal),
-                    "coverage_calib": aggregate([c["coverage"] for c in cal]),
-                    "coverage_test": aggregate([x["coverage"] for x in test]),
-                    "risk_test": aggregate([x["risk"] for x in test]),
-                    "held_test": sum(x["risk"] is None or x["risk"] <= r + 1e-12 for x in test),
-                    "abstain_test": aggregate([x["abstain_rate"] for x in test]),
-                    "coverage_test_shift": aggregate([x["coverage"] for x in shift]),
-                    "risk_test_shift": aggregate([x["risk"] for x in shift]),
-                    "held_test_shift": sum(
-                        x["risk"] is None or x["risk"] <= r + 1e-12 for x in shift
-                    ),
-                    "abstain_test_shift": aggregate([x["abstain_rate"] for x in shift]),
-                }
-            )
-        thr_summary[key] = rows
+    thr_summary = {
+        k: _threshold_rows(cfg, [thresholds_seed[s][k] for s in seeds], splits)
+        for k in (*keys, "served")
+    }
     return {
         "aggregate": aggregate_metrics,
-        "aggregate_risk_averse": aggregate_ra,
+        "aggregate_scores": aggregate_scores,
         "by_family_accuracy": by_family,
         "thresholds": thr_summary,
     }
@@ -291,94 +529,3 @@ def _agg_tree(per_seed: list[dict]) -> dict:
         k for k in per_seed[0] if isinstance(per_seed[0][k], (int, float)) or per_seed[0][k] is None
     ]
     return {k: aggregate([d.get(k) for d in per_seed]) for k in keys}
-
-
-def _m(agg: dict, split: str, pred: str, key: str) -> tuple[float | None, float | None]:
-    a = agg[split][pred][key]
-    return a["mean"], a["std"]
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def goal_checks(results: dict, main: str) -> list[dict]:
-    """The design goals as {goal, split, pass, detail} rows, computed from the aggregates."""
-    agg = results["aggregate"]
-    rows = []
-    for split in SPLITS:
-        ivon_ece, _ = _m(agg, split, main, "ece")
-        adam_ece, _ = _m(agg, split, "AdamW", "ece")
-        ok = None if None in (ivon_ece, adam_ece) else ivon_ece <= 0.5 * adam_ece
-        rows.append(
-            {
-                "goal": f"{main} ECE <= 0.5 x AdamW ECE",
-                "split": split,
-                "pass": ok,
-                "detail": f"{_pct(ivon_ece)} vs 0.5 x {_pct(adam_ece)}",
-            }
-        )
-        ivon_nll, _ = _m(agg, split, main, "nll")
-        adam_nll, _ = _m(agg, split, "AdamW", "nll")
-        ok = None if None in (ivon_nll, adam_nll) else ivon_nll < adam_nll
-        rows.append(
-            {
-                "goal": f"{main} NLL < AdamW NLL",
-                "split": split,
-                "pass": ok,
-                "detail": f"{ivon_nll:.4f} vs {adam_nll:.4f}" if ok is not None else "n/a",
-            }
-        )
-        ia, isd = _m(agg, split, main, "accuracy")
-        aa, asd = _m(agg, split, "AdamW", "accuracy")
-        spread = max(isd or 0.0, asd or 0.0)
-        rows.append(
-            {
-                "goal": f"{main} accuracy >= AdamW accuracy - seed spread (larger std)",
-                "split": split,
-                "pass": ia >= aa - spread,
-                "detail": f"{_pct(ia)} vs {_pct(aa)} - {_pct(spread)}",
-            }
-        )
-        ic, _ = _m(agg, split, main, "coverage_at_risk_0.05")
-        ac, _ = _m(agg, split, "AdamW", "coverage_at_risk_0.05")
-        tc, _ = _m(agg, split, "AdamW + TS", "coverage_at_risk_0.05")
-        rows.append(
-            {
-                "goal": f"{main} coverage at 5% risk > AdamW and > AdamW + TS",
-                "split": split,
-                "pass": ic > ac and ic > tc,
-                "detail": f"{_pct(ic)} vs AdamW {_pct(ac)}, AdamW + TS {_pct(tc)}",
-            }
-        )
-    thr = results["thresholds"]["summary"][f"{main} | maxprob"]
-    rows.append(
-        {
-            "goal": f"{main} guaranteed thresholds hold on test (risk <= target, every seed)",
-            "split": "test",
-            "pass": all(t["held_test"] == t["seeds"] for t in thr),
-            "detail": ", ".join(
-                f"{t['max_risk']:g}: held {t['held_test']}/{t['seeds']} "
-                f"(feasible {t['feasible_seeds']})"
-                for t in thr
-            ),
-        }
-    )
-    informative = [t for t in thr if t["feasible_seeds"] > 0]
-    rows.append(
-        {
-            "goal": f"{main} abstains more on test_shift than on test (every feasible target)",
-            "split": "test vs test_shift",
-            "pass": bool(informative)
-            and all(
-                t["abstain_test_shift"]["mean"] > t["abstain_test"]["mean"] for t in informative
-            ),
-            "detail": ", ".join(
-                f"{t['max_risk']:g}: {_pct(t['abstain_test']['mean'])} -> "
-                f"{_pct(t['abstain_test_shift']['mean'])}"
-                for t in informative
-            )
-            or "no target was feasible on calib",
-        }
-    )
-    return rows
