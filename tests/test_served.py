@@ -63,6 +63,13 @@ def test_served_summary_by_hand() -> None:
     assert d2["default_target"]["threshold"] == 0.7 and d2["default_target"]["answered"] == 5
 
 
+def test_no_table_answers_everything_and_claims_no_guarantee() -> None:
+    preds = _preds([0.9, 0.6], [True, False], ["f", "f"])
+    d = served_summary(preds, [_item(0, "f"), _item(1, "f")], {"targets": []}, 2)
+    assert d["default_target"]["guaranteed_by"] is None and d["default_target"]["answered"] == 2
+    assert d["default_target"]["within_target"] is None  # nothing was guaranteed
+
+
 def test_binomial_p_values() -> None:
     # 30 of 40 right at chance 1/2: P(X >= 30) for Binomial(40, 0.5) = 0.001111 (by hand: sum of
     # C(40, k) / 2^40 for k = 30..40); 20 of 40 at chance 1/2 is not evidence (p > 0.5).

@@ -93,7 +93,9 @@ def served_summary(
             "risk_upper_bound": _upper_bound(n_err, n_ans, delta),
             # the realised risk is at most the guaranteed target (the guarantee holds with
             # probability 1 - delta over calibration sets, so one split may exceed it)
-            "within_target": None if not n_ans else bool(n_err / n_ans <= (thr.max_risk or 0)),
+            "within_target": (
+                None if not n_ans or thr.max_risk is None else bool(n_err / n_ans <= thr.max_risk)
+            ),
         },
         "controls_abstention": abstention_on_controls(items, conf, calibration, delta),
         "families": family_accuracy_vs_chance(correct, preds.families, preds.n_choices),
