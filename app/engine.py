@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
 from app.errors import InferenceTimeout, LimitExceeded, Overloaded, QuaverError, ShuttingDown
-from app.forward import Abandoned
+from app.forward import Abandoned, Prefix, take_prefix
 from app.metrics import Metrics
 from app.predict import Prediction, Predictor, Request
 
@@ -287,10 +287,17 @@ class Engine:
 
         return check
 
-    def _forward(self, requests: list[Request], jobs: list[Job]) -> tuple[list[Prediction], float]:
+    def _forward(
+        self,
+        requests: list[Request],
+        jobs: list[Job],
+        prefix: Prefix | None = None,
+        spent_s: float = 0.0,
+    ) -> tuple[list[Prediction], float]:
+        """One pass; `spent_s`: time already spent on it (computing `prefix`)."""
         t = time.perf_counter()
-        preds = self.predictor.predict(requests, should_stop=self._should_stop(jobs))
-        dt = time.perf_counter() - t
+        preds = self.predictor.predict(requests, prefix, should_stop=self._should_stop(jobs))
+        dt = time.perf_counter() - t + spent_s
         self.metrics.inference_duration.observe(dt)
         self.metrics.batch_size.observe(sum(r.samples for r in requests))
         return preds, dt
@@ -301,7 +308,10 @@ class Engine:
         for w in waits:
             self.metrics.queue_wait.observe(w / 1000)
         first = [replace(j.request, samples=1) if j.adaptive else j.request for j in jobs]
-        preds, dt = self._forward(first, jobs)
+        prefix, t = None, time.perf_counter()
+        if any(j.adaptive for j in jobs):  # kept for the redo (one row per job, (R, T, d))
+            prefix = self.predictor.prefix([r.prepared for r in first], self._should_stop(jobs))
+        preds, dt = self._forward(first, jobs, prefix, time.perf_counter() - t)
         used = [r.samples for r in first]
         infer = [dt * 1000] * len(jobs)
         now = time.perf_counter()
@@ -316,8 +326,11 @@ class Engine:
         ]
         # The K-sample redo has more rows than the first pass (K per job, not 1), so it runs in
         # as many passes as the row and token budgets need (each job alone fits: `_refusal`).
+        # The redo reuses the first pass's prefix hidden states: only the LoRA layers run again.
         for part in self._within_budget([jobs[i] for i in redo], redo):
-            again, dt2 = self._forward([jobs[i].request for i in part], [jobs[i] for i in part])
+            again, dt2 = self._forward(
+                [jobs[i].request for i in part], [jobs[i] for i in part], take_prefix(prefix, part)
+            )
             for i, pred in zip(part, again, strict=True):
                 preds[i], used[i] = pred, jobs[i].request.samples
                 infer[i] += dt2 * 1000

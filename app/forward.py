@@ -62,6 +62,31 @@ class PromptBatch:
     def rows(self) -> int:
         return int(self.ids.shape[0])
 
+    def take(self, rows: torch.Tensor) -> PromptBatch:
+        """The batch of the given rows (an int64 index), trimmed to their longest prompt."""
+        t = int(self.lengths[rows].max())
+        return PromptBatch(
+            self.features[rows],
+            self.n_frames[rows],
+            self.ids[rows, :t],
+            self.lengths[rows],
+            self.n_choices[rows],
+        )
+
+
+Prefix = tuple[torch.Tensor, PromptBatch]  # hidden states entering the LoRA layers + their batch
+
+
+def take_prefix(prefix: Prefix, rows: list[int]) -> Prefix:
+    """The rows `rows` of a prefix `(h (R, T, d), batch)`: what a second pass over some of a
+    batch's prompts (the engine's K-sample redo) reuses instead of recomputing the audio tower
+    and the layers below the LoRA layers. Right padding, so trimming T to the rows' longest
+    prompt drops only padding."""
+    h, batch = prefix
+    index = torch.tensor(rows, dtype=torch.long, device=h.device)
+    part = batch.take(index)
+    return h[index, : part.ids.shape[1]], part
+
 
 def collate(prompts: list, features: list, pad_id: int) -> PromptBatch:
     """Stack `PromptIds` and `AudioFeatures` into a right-padded `PromptBatch`."""

@@ -507,3 +507,42 @@ def test_the_k_sample_redo_stays_inside_the_batch_budgets(predictor):
     t = len(p.prompt.ids)
     tight = Engine(predictor, Metrics(), max_batch_tokens=16 * t, adaptive_margin=1.0)
     assert tight._within_budget(jobs, [0, 1, 2]) == [[0, 1], [2]]
+
+
+def test_the_k_sample_redo_reuses_the_first_pass_prefix(predictor):
+    """The audio tower and the layers below the LoRA layers run once per adaptive job: the redo
+    takes its rows of the first pass's prefix (`take_prefix`), and answers as a fresh pass."""
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.prefixes, self.given = inner, 0, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def prefix(self, prepared, should_stop=None):
+            self.prefixes += 1
+            return self.inner.prefix(prepared, should_stop)
+
+        def predict(self, requests, prefix=None, should_stop=None):
+            self.given.append(None if prefix is None else int(prefix[0].shape[0]))
+            return self.inner.predict(requests, prefix, should_stop)
+
+    short = prepared(predictor)
+    long = predictor.prepare(
+        tone(1.5).astype("float32"), "Of all the options below, which one is correct?", ["x", "y"]
+    )
+    assert len(long.prompt.ids) > len(short.prompt.ids)  # rows of unequal length: padding
+    counting = Counting(predictor)
+    engine = Engine(counting, Metrics(), max_batch_rows=8, adaptive_margin=1.0)
+    jobs = [
+        Job(PredictRequest(pp, samples=4, seed=s), threshold=0.5, adaptive=True)
+        for s, pp in enumerate([short, long, short])  # the last redo: trimmed
+    ]
+    out = engine.run_now(jobs)
+    assert counting.prefixes == 1  # the first pass only
+    assert counting.given == [3, 2, 1]  # first pass: 3 rows; redo of 4 + 4 rows, then 4
+    for job, o in zip(jobs, out, strict=True):
+        [direct] = predictor.predict([job.request])
+        assert o.samples_used == 4
+        np.testing.assert_allclose(o.prediction.probs, direct.probs, atol=1e-5)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
+from app.posterior import load_posterior
 from app.scores import Decision
 from training.eval.metrics import summarize
+from training.eval.posterior_shape import update_size
 from training.eval.predictions import predict_split
 from training.eval.temperature import apply_temperature, fit_temperature
 from training.recipes.report import ReportConfig
@@ -211,6 +213,17 @@ def test_report_files_cover_every_predictor_and_split(report):
         assert r["held_test"] == held and r["seeds"] == 2
         cov, abst = r["coverage_test"]["mean"], r["abstain_test"]["mean"]
         assert cov + abst == pytest.approx(1.0)
+    # how far each run moved: IVON's Hessian from its log, every run's update from its weights
+    shape = res["posterior_shape"]
+    assert set(shape) == {"ivon", "adamw"} and set(shape["adamw"]) == {"0", "1", "100", "101"}
+    ivon0 = shape["ivon"]["0"]
+    log = [json.loads(x) for x in (work / "runs" / "ivon" / "log.jsonl").read_text().splitlines()]
+    assert ivon0["hessian"]["h_median"] == log[-1]["hessian"]["h_median"]
+    assert shape["adamw"]["0"]["hessian"] is None
+    post = load_posterior(res["runs"]["adamw"]["0"])
+    assert shape["adamw"]["0"]["update"] == update_size(post, None)  # no init_from: from zero
+    assert shape["adamw"]["0"]["update"]["dw_fro"] > 0
+    assert "## How far each run moved" in md and "| ivon | 1 |" in md
     for png in res["plots"]:
         assert (docs / png).read_bytes().startswith(b"\x89PNG") and png in md
     assert {"results/reliability_test.png", "results/shift.png"} <= set(res["plots"])

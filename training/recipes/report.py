@@ -53,6 +53,7 @@ from tqdm import tqdm
 from training.data.generate import REAL_SPLITS
 from training.data.manifest import manifest_path
 from training.eval.decision import write_decision
+from training.eval.posterior_shape import run_shape
 from training.eval.predictions import SplitPredictions, predict_split
 from training.eval.selective import DEFAULT_TARGETS
 from training.recipes.flow import OPTIMIZERS, finetune_pair, samples_for
@@ -68,7 +69,8 @@ from training.recipes.report_scores import (
     summarize_seeds,
 )
 
-FORMAT_VERSION = 2  # 2: scores per predictor, ensemble, controls, bootstrap, served decision
+FORMAT_VERSION = 3  # 2: scores per predictor, ensemble, controls, bootstrap, served decision;
+# 3: posterior_shape (Hessian movement, measured update sizes)
 
 
 @dataclass
@@ -228,6 +230,11 @@ def run_report(cfg: ReportConfig) -> dict:
         print(f"[report] fine-tune adamw ensemble member seed {member} -> {run.out_dir}")
         runs["adamw"][member] = finetune_pair({"adamw": run}, progress=cfg.progress)["adamw"]
     times["finetune_s"] = round(time.time() - t0, 1)
+    # how far each run moved (IVON's Hessian from hess_init; the measured update of every run)
+    shapes = {
+        w: {str(s): run_shape(p, run_cfgs[(w, s)].init_from) for s, p in sorted(r.items())}
+        for w, r in runs.items()
+    }
     # Runs finished by an earlier invocation (or by `quaver train`) cost this one nothing: their
     # own training time, recorded in each posterior, is what reproducing them costs.
     times["finetune_runs_s"] = round(
@@ -307,6 +314,7 @@ def run_report(cfg: ReportConfig) -> dict:
         },
         "n_choices": sorted({int(c) for c in first.n_choices}),
         "runs": {w: {str(s): str(p) for s, p in r.items()} for w, r in runs.items()},
+        "posterior_shape": shapes,
         "temperature": temperatures,
         "predictors": names,
         "aggregate": summary["aggregate"],

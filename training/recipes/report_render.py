@@ -341,6 +341,39 @@ def _threshold_tables(results: dict) -> list[str]:
     return lines
 
 
+def _shape_section(results: dict) -> list[str]:
+    """Per run: how far it moved (training.eval.posterior_shape)."""
+    shapes = results.get("posterior_shape")
+    if not shapes:
+        return []
+    lines = [
+        "",
+        "## How far each run moved",
+        "",
+        "dW = scale * B @ A summed over the adapted layers, its change from the adapter the run "
+        "started from (Frobenius norm, and relative to the norm of the start's dW), and for IVON the last "
+        "epoch's Hessian: median h / h0 - 1, the share of entries that moved more than 1 %, and "
+        "the posterior std's median. A Hessian that never left hess_init is a prior, not a "
+        "posterior shaped by the data.",
+        "",
+        "| run | seed | dW change (Frobenius) | relative | h median | h/h0 - 1 (median) | moved > 1 % "
+        "| std median |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for which, by_seed in shapes.items():
+        for seed, sh in by_seed.items():
+            u, h = sh["update"], sh.get("hessian") or {}
+            rel = "-" if u["dw_rel"] is None else f"{u['dw_rel']:.3f}"
+            hess = (
+                f"{h['h_median']:.3g} | {h['rel_change_median']:+.3f} | "
+                f"{100 * h['frac_changed']:.1f} % | {h['std_median']:.3g}"
+                if h
+                else "- | - | - | -"
+            )
+            lines.append(f"| {which} | {seed} | {u['dw_fro']:.4g} | {rel} | {hess} |")
+    return lines
+
+
 def render_markdown(results: dict) -> str:
     """docs/results.md from the results dict (every number also in results.json)."""
     lines = _header(results)
@@ -350,6 +383,7 @@ def render_markdown(results: dict) -> str:
     lines += _bootstrap_section(results)
     lines += _family_tables(results)
     lines += _threshold_tables(results)
+    lines += _shape_section(results)
     temps = results["temperature"]
     bma = {s: d["temperature"][BMA_TS] for s, d in results["per_seed"].items()}
     lines += [

@@ -1,0 +1,70 @@
+"""How far a fine-tuning run moved: IVON's Hessian from `hess_init`, and the measured update size.
+
+    from training.eval.posterior_shape import run_shape
+    run_shape(run_dir / "posterior", init_from)   # {"update": {...}, "hessian": {...} | None}
+
+Nominal step sizes say little across optimizers (IVON's lr is rescaled by hess_init and clipped,
+AdamW's is normalised per entry), so the report compares what the runs did:
+- `update`: the change of the LoRA weight delta, dW = scale * B @ A per adapted Linear (out, in),
+  between the run's posterior mean and the adapter it started from (`init_from`; zero without
+  one): its Frobenius norm summed over modules (`dw_fro`), relative to the start's (`dw_rel`,
+  None from zero), and the RMS change of the factor entries (`factor_rms`);
+- `hessian` (IVON runs): the last epoch's `IVON.hessian_stats()` from the run's log.jsonl (h's
+  median, the median of h/h0 - 1, the share of entries that moved more than 1 %, the posterior
+  std's median), i.e. whether the posterior is shaped by the data or is still its prior.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from app.posterior import Posterior, load_posterior
+from training.stages.loop import read_log
+
+
+def _deltas(post: Posterior) -> dict[str, torch.Tensor]:
+    """{module: scale * B @ A}, (out, in) fp32, from a posterior's mean."""
+    return {
+        m: post.spec.scale * (post.mean[f"{m}.lora_B.weight"] @ post.mean[f"{m}.lora_A.weight"])
+        for m in post.spec.modules
+    }
+
+
+def update_size(post: Posterior, start: Posterior | None) -> dict[str, float | None]:
+    """dw_fro, dw_rel and factor_rms of `post`'s mean against `start`'s (None: zero weights)."""
+    after = _deltas(post)
+    before = (
+        _deltas(start) if start is not None else {m: torch.zeros_like(d) for m, d in after.items()}
+    )
+    if set(before) != set(after):
+        raise ValueError("the two posteriors adapt different modules")
+    moved = sum(float((after[m] - before[m]).square().sum()) for m in after) ** 0.5
+    base = sum(float(before[m].square().sum()) for m in before) ** 0.5
+    keys = list(post.mean)
+    if start is None:
+        diffs = torch.cat([post.mean[k].flatten() for k in keys])
+    else:
+        diffs = torch.cat([(post.mean[k] - start.mean[k]).flatten() for k in keys])
+    return {
+        "dw_fro": moved,
+        "dw_rel": moved / base if base > 0 else None,
+        "factor_rms": float(diffs.square().mean().sqrt()),
+    }
+
+
+def hessian_movement(run_dir: Path) -> dict | None:
+    """The last logged `hessian` stats of an IVON run (plus its `std_median`), or None."""
+    records = [r for r in read_log(Path(run_dir)) if "hessian" in r]
+    if not records:
+        return None
+    last = records[-1]
+    return {"epoch": last.get("epoch"), **last["hessian"], "std_median": last.get("std_median")}
+
+
+def run_shape(post_dir: Path, init_from: Path | None) -> dict:
+    """{"update": update_size, "hessian": hessian_movement or None} of one finished run."""
+    post = load_posterior(post_dir)
+    start = load_posterior(init_from) if init_from is not None else None
+    return {"update": update_size(post, start), "hessian": hessian_movement(Path(post_dir).parent)}
