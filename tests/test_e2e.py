@@ -257,3 +257,51 @@ def test_an_unfinished_run_with_other_settings_is_refused_in_one_line(pipeline, 
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"quaver train: error: {out} holds an unfinished run with other")
+
+
+def test_finetune_pair_side_by_side_equals_one_after_the_other(toy_bench, toy_base, tmp_path):
+    """The recipes' IVON/AdamW pair, trained in two spawned processes at 1 thread each, gives
+    the same posteriors as the same configs trained here one after the other; the caller's
+    torch thread count is left as it was."""
+    import torch
+
+    from training.recipes.flow import finetune_pair, runs_side_by_side
+
+    def cfgs(root):
+        out = {}
+        for name in ("ivon", "adamw"):
+            cfg = FinetuneConfig(
+                base_dir=toy_base,
+                data_dir=toy_bench,
+                out_dir=root / name,
+                optimizer=name,
+                epochs=1,
+                batch_size=8,
+                threads=1,
+            )
+            cfg.lora.top_layers = 2
+            out[name] = cfg
+        return out
+
+    pair = cfgs(tmp_path / "pair")
+    assert runs_side_by_side(pair, cpus=2) and not runs_side_by_side(pair, cpus=1)
+    assert not runs_side_by_side({"ivon": pair["ivon"]}, cpus=2)
+    threads = torch.get_num_threads()
+    times: dict = {}
+    try:
+        posts = finetune_pair(pair, times, progress=False)
+        assert torch.get_num_threads() == threads
+        alone = {
+            name: finetune(cfg, progress=False) for name, cfg in cfgs(tmp_path / "seq").items()
+        }
+    finally:
+        torch.set_num_threads(threads)
+    assert set(times) == {"ivon_s", "adamw_s"} and all(t > 0 for t in times.values())
+    loaded = load_checkpoint(toy_base)
+    for name in ("ivon", "adamw"):
+        a = load_posterior(posts[name], expected_base=loaded.identity, model=loaded.model)
+        b = load_posterior(alone[name], expected_base=loaded.identity, model=loaded.model)
+        assert a.meta["optimizer"] == name and a.mean.keys() == b.mean.keys()
+        for key in a.mean:
+            assert torch.equal(a.mean[key], b.mean[key]), (name, key)
+            assert torch.equal(a.std[key], b.std[key]), (name, key)
