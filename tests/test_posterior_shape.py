@@ -42,8 +42,8 @@ def test_update_size_refuses_different_modules():
 
 def test_hessian_movement_reads_the_last_logged_epoch(tmp_path):
     lines = [
-        {"epoch": 1, "calib_accuracy": 0.5, "hessian": {"h_median": 0.1}, "std_median": 0.3},
-        {"epoch": 2, "calib_accuracy": 0.6, "hessian": {"h_median": 0.2}, "std_median": 0.2},
+        {"epoch": 1, "calib_accuracy": 0.5, "hessian": {"h_median": 0.1, "std_median": 0.3}},
+        {"epoch": 2, "calib_accuracy": 0.6, "hessian": {"h_median": 0.2, "std_median": 0.2}},
     ]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert hessian_movement(tmp_path) == {"epoch": 2, "h_median": 0.2, "std_median": 0.2}

@@ -33,33 +33,6 @@ def predictor_probs(preds: SplitPredictions, samples: int) -> np.ndarray:
     return preds.mean_probs if samples <= 1 else preds.bma(samples)
 
 
-def _predict(
-    base_dir,
-    posterior_dir,
-    data_dir,
-    split,
-    samples,
-    seed,
-    progress,
-    prefix_cache,
-    device="cpu",
-    dtype="float32",
-):
-    """The cached per-item predictions both commands start from (K = max(samples, 1))."""
-    return predict_split(
-        Path(base_dir),
-        Path(posterior_dir),
-        Path(data_dir),
-        split,
-        samples=max(samples, 1),
-        seed=seed,
-        progress=progress,
-        prefix_cache=prefix_cache,
-        device=device,
-        dtype=dtype,
-    )
-
-
 def evaluate_posterior(
     base_dir: Path,
     posterior_dir: Path,
@@ -75,17 +48,17 @@ def evaluate_posterior(
 ) -> dict:
     """Metrics of the posterior mean and of K-sample BMA on `split` (+ plots when out_dir), the
     base in `dtype` on `device`."""
-    preds = _predict(
-        base_dir,
-        posterior_dir,
-        data_dir,
+    preds = predict_split(  # cached on disk: evaluate and calibrate share one prediction run
+        Path(base_dir),
+        Path(posterior_dir),
+        Path(data_dir),
         split,
-        samples,
-        seed,
-        progress,
-        prefix_cache,
-        device,
-        dtype,
+        samples=max(samples, 1),
+        seed=seed,
+        progress=progress,
+        prefix_cache=prefix_cache,
+        device=device,
+        dtype=dtype,
     )
     results = {
         "split": split,
@@ -142,17 +115,17 @@ def calibrate_posterior(
     predictions made with the base in `dtype` on `device`; the table records the dtype)."""
     if split == "test":
         raise ValueError("calibrate on a held-out calibration split, never on test")
-    preds = _predict(
-        base_dir,
-        posterior_dir,
-        data_dir,
+    preds = predict_split(  # cached on disk: evaluate and calibrate share one prediction run
+        Path(base_dir),
+        Path(posterior_dir),
+        Path(data_dir),
         split,
-        samples,
-        seed,
-        progress,
-        prefix_cache,
-        device,
-        dtype,
+        samples=max(samples, 1),
+        seed=seed,
+        progress=progress,
+        prefix_cache=prefix_cache,
+        device=device,
+        dtype=dtype,
     )
     probs = predictor_probs(preds, samples)
     conf = confidence(probs)

@@ -24,29 +24,25 @@ from app.posterior import Posterior, load_posterior
 from training.stages.loop import read_log
 
 
-def _deltas(post: Posterior) -> dict[str, torch.Tensor]:
-    """{module: scale * B @ A}, (out, in) fp32, from a posterior's mean."""
+def _deltas(mean: dict[str, torch.Tensor], spec) -> dict[str, torch.Tensor]:
+    """{module: scale * B @ A}, (out, in) fp32, from LoRA factors `mean` of `spec`'s modules."""
     return {
-        m: post.spec.scale * (post.mean[f"{m}.lora_B.weight"] @ post.mean[f"{m}.lora_A.weight"])
-        for m in post.spec.modules
+        m: spec.scale * (mean[f"{m}.lora_B.weight"] @ mean[f"{m}.lora_A.weight"])
+        for m in spec.modules
     }
 
 
 def update_size(post: Posterior, start: Posterior | None) -> dict[str, float | None]:
     """dw_fro, dw_rel and factor_rms of `post`'s mean against `start`'s (None: zero weights)."""
-    after = _deltas(post)
-    before = (
-        _deltas(start) if start is not None else {m: torch.zeros_like(d) for m, d in after.items()}
-    )
-    if set(before) != set(after):
+    if start is not None and set(start.spec.modules) != set(post.spec.modules):
         raise ValueError("the two posteriors adapt different modules")
+    # No start: zero factors, so dW starts at 0 and every factor entry's change is itself.
+    first = {k: torch.zeros_like(v) for k, v in post.mean.items()} if start is None else start.mean
+    after = _deltas(post.mean, post.spec)
+    before = _deltas(first, post.spec if start is None else start.spec)
     moved = sum(float((after[m] - before[m]).square().sum()) for m in after) ** 0.5
     base = sum(float(before[m].square().sum()) for m in before) ** 0.5
-    keys = list(post.mean)
-    if start is None:
-        diffs = torch.cat([post.mean[k].flatten() for k in keys])
-    else:
-        diffs = torch.cat([(post.mean[k] - start.mean[k]).flatten() for k in keys])
+    diffs = torch.cat([(post.mean[k] - first[k]).flatten() for k in post.mean])
     return {
         "dw_fro": moved,
         "dw_rel": moved / base if base > 0 else None,
@@ -55,12 +51,11 @@ def update_size(post: Posterior, start: Posterior | None) -> dict[str, float | N
 
 
 def hessian_movement(run_dir: Path) -> dict | None:
-    """The last logged `hessian` stats of an IVON run (plus its `std_median`), or None."""
+    """The last logged `hessian` stats of an IVON run (with the posterior std's), or None."""
     records = [r for r in read_log(Path(run_dir)) if "hessian" in r]
     if not records:
         return None
-    last = records[-1]
-    return {"epoch": last.get("epoch"), **last["hessian"], "std_median": last.get("std_median")}
+    return {"epoch": records[-1].get("epoch"), **records[-1]["hessian"]}
 
 
 def run_shape(post_dir: Path, init_from: Path | None) -> dict:
