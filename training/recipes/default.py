@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data.families import DEFAULT_FAMILIES
+from training.recipes.default_goals import goals_section, shipping_goals, unmet
 from training.recipes.flow import (
     OPTIMIZERS,
     calibrate_and_evaluate,
@@ -341,6 +342,8 @@ def write_report(summary: dict, path: Path, reports: Path | None = None) -> Path
         lines += md_table(["family", *(f"{n} {k}" for n, k in cols)], rows)
         lines.append("")
     lines += served_section(summary.get("served", {}))
+    if summary.get("goals"):
+        lines += goals_section(summary["goals"], "ivon")
     rw = summary["reworded_test_accuracy_ivon_mean"]
     lines += [
         "## Free-form rewordings (IVON posterior mean, `test`)",
@@ -498,6 +501,8 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         "times_s": times,
         "results": results,
         "served": served,
+        # the real mix ships only when its goals pass (training/recipes/default_goals.py)
+        "goals": shipping_goals(served["ivon"]) if recipe.real_mix else None,
         "reworded_test_accuracy_ivon_mean": reworded,
         "posteriors": {k: str(v) for k, v in posts.items()},
         "base": str(base),
@@ -507,7 +512,15 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     if recipe.report is not None:
         report = write_report(summary, recipe.report, work / "reports")
         print(f"[default] report: {report}", flush=True)
-    if recipe.ship_dir is not None:
+    failed = unmet(summary["goals"])  # the synthetic recipe has no goals and always ships
+    if recipe.ship_dir is not None and failed:
+        print(
+            f"[default] not shipped: {len(failed)} goals do not pass "
+            f"({', '.join(g['goal'] for g in failed[:3])}{', ...' if len(failed) > 3 else ''});"
+            f" see {recipe.report or summary_path}",
+            flush=True,
+        )
+    elif recipe.ship_dir is not None:
         shipped = timed(times, "ship_s", ship, recipe, base, posts["ivon"], summary)
         print(f"[default] shipped to {shipped}", flush=True)
     return summary
