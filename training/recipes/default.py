@@ -20,7 +20,8 @@ Steps (each cached or resumable, so an interrupted run picks up where it stopped
   6. ship: the IVON posterior + the trained projector (a base overlay, app/overlay.py) + answers
      recorded for a few fixed test clips (`golden.json`, checked by tests/test_default_model.py),
      and the web page's example clips (training/recipes/examples.py, app/static/examples/)
-Wall-clock time per step goes to work/default/default.json and to the shipped quaver.json.
+Wall-clock time per step goes to work/default/times.json as each step ends (an interrupted run
+keeps them), then to work/default/default.json and the shipped quaver.json.
 """
 
 from __future__ import annotations
@@ -422,9 +423,18 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
     work = recipe.work
     work.mkdir(parents=True, exist_ok=True)
     summary_path = work / "default.json"
-    times: dict[str, float] = (
-        json.loads(summary_path.read_text()).get("times_s", {}) if summary_path.exists() else {}
-    )
+    # Each step's time is written as soon as it is known, so an invocation stopped half-way
+    # leaves the times of the steps it finished for the next one to report.
+    times_path = work / "times.json"
+    times: dict[str, float] = {}
+    if times_path.exists():
+        times = json.loads(times_path.read_text())
+    elif summary_path.exists():  # written before times.json existed
+        times = json.loads(summary_path.read_text()).get("times_s", {})
+
+    def keep_times() -> None:
+        times_path.write_text(json.dumps(times, indent=2) + "\n")
+
     t0 = time.time()
     bench = BenchmarkConfig(
         seed=recipe.seed,
@@ -432,7 +442,9 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         **{**(BENCHMARK if recipe.real_mix else {}), **recipe.sizes},
     )
     timed(times, "data_s", generate_benchmark, bench, recipe.data_dir, progress)
+    keep_times()
     base = timed(times, "build_base_s", build_base, recipe.base_dir, progress=progress)
+    keep_times()
     dirs = {"data_dir": str(recipe.data_dir), "base_dir": str(base)}
     adapt_cfg = load_config(
         recipe.configs / "default-adapt.yaml",
@@ -444,6 +456,7 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         },
     )
     adapted = timed(times, "adapt_s", finetune, adapt_cfg, progress)
+    keep_times()
     cfgs = load_pair(
         {name: recipe.configs / f"default-{name}.yaml" for name in OPTIMIZERS},
         {
@@ -452,6 +465,7 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         },
     )
     posts = finetune_pair(cfgs, times, progress)
+    keep_times()
     splits = SPLITS if recipe.real_mix else SPLITS[:2]
     t = time.time()
     # Predictions made earlier (by a previous invocation or by `quaver report`) are read back in
@@ -509,6 +523,7 @@ def run_default(recipe: DefaultRecipe, progress: bool = True) -> dict:
         "adapted": str(adapted),
     }
     summary_path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    keep_times()
     if recipe.report is not None:
         report = write_report(summary, recipe.report, work / "reports")
         print(f"[default] report: {report}", flush=True)
