@@ -23,7 +23,8 @@ apart for an independent check and never enter an index.
 Packages (see docs/real_sounds.md for sizes):
   train    tuxpaint-stamps-default    animal, household, instrument sounds; spoken names (GPL-2)
            timgm6mb-soundfont          General MIDI instrument notes via fluidsynth (GPL-2)
-           espeak-ng                   synthesised number words and phrases (GPL-3)
+           csound-soundfont            a second General MIDI font, the same notes (public domain)
+           espeak-ng                   synthesised number words and phrases, 15 voices (GPL-3)
   heldout  openttd-opensfx             vehicle, machine, animal, crowd, weather effects (CC-BY 3.0,
                                        CC0, CC-BY-SA 3.0: per sound, recorded in the index)
            fluidr3mono-gm-soundfont    Fluid R3 instrument notes via fluidsynth (MIT)
@@ -41,7 +42,7 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ import soundfile as sf
 
 from training.data.signals import SR, fade
 
-LIBRARY_VERSION = 4  # bump when decoding / trimming / pooling changes
+LIBRARY_VERSION = 5  # bump when decoding / trimming / pooling changes
 MAX_RECORDING_S = 4.0  # longer recordings are cut (an event never needs more)
 MIN_RECORDING_S = 0.08
 FORBIDDEN_PACKAGES = ("sound-theme-freedesktop", "alsa-utils")
@@ -95,6 +96,10 @@ PACKAGES: dict[str, Package] = {
         ),
         Package(
             "timgm6mb-soundfont", "train", "GPL-2", "usr/share/sounds/sf2/TimGM6mb.sf2", "font"
+        ),
+        Package(
+            "csound-soundfont", "train", "public-domain", "usr/share/sounds/sf2/sf_GMbank.sf2",
+            "font",
         ),
         Package("espeak-ng", "train", "GPL-3", "usr/bin/espeak-ng", "espeak"),
         Package(
@@ -300,16 +305,20 @@ def _read_tuxpaint(pkg: Package, root: Path, cfg: SourceConfig) -> Iterator[Raw]
         stem = path.stem
         if rel.startswith("symbols/"):
             if rel.startswith("symbols/math/") and re.fullmatch(r"\d", stem):
+                # One speaker says all ten digits: the digits are one group, so a pool gets
+                # the whole voice (every number word) or none of it.
                 word = NUMBER_WORDS[int(stem)]
-                yield Raw(
+                raw = Raw(
                     f"{pkg.name}:{rel}",
                     str(path),
                     word,
-                    f"{pkg.name}:{rel[:-4]}",
+                    f"{pkg.name}:symbols/math",
                     "voice",
                     _sf_load(path),
                     speech_text=word,
                 )
+                yield raw
+                yield telephone_copy(raw)
             continue
         m = re.fullmatch(r"(.+?)_desc(?:_(\w+))?", stem)
         if m:
@@ -551,30 +560,46 @@ ESPEAK_PHRASES = (
 )  # fmt: skip
 
 
+# espeak-ng voice variants (all in espeak-ng-data) with a speed (words per minute) and pitch
+# (0..99) each: 15 synthetic speakers, male and female, British and American English.
+ESPEAK_VOICES = (
+    ("en+m1", 150, 40), ("en+m2", 170, 30), ("en+m3", 140, 50), ("en+m4", 180, 45),
+    ("en+m5", 160, 35), ("en+m6", 175, 55), ("en+m7", 145, 25), ("en+f1", 165, 60),
+    ("en+f2", 150, 70), ("en+f3", 185, 50), ("en+f4", 140, 65), ("en+f5", 170, 75),
+    ("en-us+m3", 160, 45), ("en-us+f2", 155, 60), ("en+klatt", 165, 50),
+)  # fmt: skip
+
+
 def _read_espeak(pkg: Package, root: Path, cfg: SourceConfig) -> Iterator[Raw]:
-    """Synthesised voices: the ten number words and a few phrases, each in three voice
-    settings (one group per text)."""
+    """Synthesised voices: the ten number words and a few phrases, each said by every voice of
+    ESPEAK_VOICES. One voice is one group, so held-out pools hear voices that training never
+    heard, saying the same words; every number word also gets a telephone-band copy."""
     binary = root / pkg.probe
     if not os.access(binary, os.X_OK):
         raise MissingPackageError(f"{binary} is not executable; {install_hint([pkg.name])}")
     texts = [(w, w) for w in NUMBER_WORDS] + [("speech (en)", p) for p in ESPEAK_PHRASES]
-    for label, text in texts:
-        for speed, pitch in ((140, 35), (165, 50), (185, 70)):
+    for voice, speed, pitch in ESPEAK_VOICES:
+        for label, text in texts:
 
-            def load(t: str = text, s: int = speed, p: int = pitch) -> tuple[np.ndarray, int]:
+            def load(
+                t: str = text, v: str = voice, s: int = speed, p: int = pitch
+            ) -> tuple[np.ndarray, int]:
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / "s.wav"
                     subprocess.run(
-                        [str(binary), "-w", str(out), "-s", str(s), "-p", str(p), t],
+                        [str(binary), "-w", str(out), "-v", v, "-s", str(s), "-p", str(p), t],
                         check=True, capture_output=True, timeout=30,
                     )  # fmt: skip
                     x, rate = sf.read(out, dtype="float64", always_2d=True)
                 return x, int(rate)
 
-            yield Raw(
-                f"{pkg.name}:{text}@{speed},{pitch}", str(binary), label,
-                f"{pkg.name}:{text}", "voice", load, speech_text=text,
+            raw = Raw(
+                f"{pkg.name}:{text}@{voice}", str(binary), label,
+                f"{pkg.name}:{voice}", "voice", load, speech_text=text,
             )  # fmt: skip
+            yield raw
+            if label in NUMBER_WORDS:
+                yield telephone_copy(raw)
 
 
 READERS = {
@@ -599,6 +624,30 @@ def _to_mono_16k(x: np.ndarray, rate: int) -> np.ndarray:
         g = gcd(int(rate), SR)
         mono = resample_poly(mono, SR // g, int(rate) // g)
     return np.asarray(mono, dtype=np.float64)
+
+
+TELEPHONE_BAND_HZ = (300.0, 3400.0)
+
+
+def telephone_band(x: np.ndarray) -> np.ndarray:
+    """(n,) at 16 kHz -> (n,) at 16 kHz as a telephone line carries it: sampled at 8 kHz and
+    band-passed to TELEPHONE_BAND_HZ (4th-order Butterworth, zero phase)."""
+    from scipy.signal import butter, resample_poly, sosfiltfilt
+
+    narrow = resample_poly(x, 1, 2)  # 8 kHz; resample_poly low-passes first
+    sos = butter(4, TELEPHONE_BAND_HZ, btype="bandpass", fs=SR // 2, output="sos")
+    return np.asarray(resample_poly(sosfiltfilt(sos, narrow), 2, 1), dtype=np.float64)
+
+
+def telephone_copy(raw: Raw) -> Raw:
+    """The same recording heard through a telephone band, as one more training-side recording of
+    the same group and label (so it shares the original's pool and never leaks into another)."""
+
+    def load() -> tuple[np.ndarray, int]:
+        x, rate = raw.load()
+        return telephone_band(_to_mono_16k(x, rate))[:, None], SR
+
+    return replace(raw, key=f"{raw.key}/telephone", load=load)
 
 
 def trim(x: np.ndarray, thresh_db: float = -45.0) -> np.ndarray:
