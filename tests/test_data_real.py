@@ -30,7 +30,7 @@ from training.data.real_checks import Identifier, check_real_answer, pitch_shift
 from training.data.scene import render
 from training.data.signals import SR
 
-FONTS = ("timgm6mb-soundfont", "fluidr3mono-gm-soundfont")
+FONTS = ("timgm6mb-soundfont", "csound-soundfont", "fluidr3mono-gm-soundfont")
 FIXTURE_PACKAGES = (*src.FIXTURE_PACKAGES, *FONTS)
 
 
@@ -41,7 +41,7 @@ def fake_notes(font: Path, notes: list[tuple[int, int]]) -> list[np.ndarray]:
     t = np.arange(round(src.NOTE_SLOT_S * SR)) / SR
     out = []
     for prog, note in notes:
-        f0 = 440.0 * 2 ** ((note - 69) / 12)
+        f0 = 440.0 * 2 ** ((note - 69) / 12) * (1 + (salt % 11) / 300)  # each font its tuning
         roll = 1.0 + ((prog * 7 + salt) % 5) / 2
         x = sum(np.sin(2 * np.pi * k * f0 * t) / k**roll for k in range(1, 8) if k * f0 < 7000)
         env = np.exp(-t * (1 + prog / 20)) * (t < src.NOTE_S) + 1e-4  # distinct per program
@@ -151,6 +151,48 @@ def test_packages_split_by_side_and_groups_never_straddle_pools(library):
     # one sound-font program's notes, a stamp's sound and its spoken name: one pool each
     prog = [r.pool for r in library.recordings if r.group.endswith("timgm6mb-soundfont:program0")]
     assert len(prog) == len(src.GM_NOTES) and len(set(prog)) == 1
+
+
+def test_spoken_digits_are_one_voice_with_telephone_copies_in_its_pool(library):
+    digits = [r for r in library.recordings if r.group == "tuxpaint-stamps-default:symbols/math"]
+    assert len({r.pool for r in digits}) == 1  # the whole voice goes to one pool
+    words = defaultdict(list)
+    for r in digits:
+        words[r.label].append(r.key.endswith("/telephone"))
+    assert set(words) == set(src.NUMBER_WORDS)
+    assert all(sorted(v) == [False, True] for v in words.values())  # original + telephone copy
+
+
+def test_telephone_band_keeps_speech_frequencies_and_drops_the_rest():
+    t = np.arange(SR) / SR
+
+    def gain_db(f: float) -> float:
+        x = np.sin(2 * np.pi * f * t)
+        y = src.telephone_band(x)[SR // 4 : -SR // 4]  # away from the edges
+        return 20 * np.log10(np.sqrt(np.mean(y**2)) / np.sqrt(0.5))
+
+    assert len(src.telephone_band(t)) == len(t)
+    assert abs(gain_db(1000.0)) < 0.5
+    assert gain_db(100.0) < -30 and gain_db(6000.0) < -40
+
+
+def test_installed_espeak_voices_each_say_every_number_word():
+    missing = _installed("espeak-ng")
+    if missing:
+        pytest.skip(f"not installed: {missing} ({src.install_hint(missing)})")
+    pkg = src.PACKAGES["espeak-ng"]
+    raws = list(src._read_espeak(pkg, Path("/"), src.SourceConfig()))
+    groups = defaultdict(list)
+    for raw in raws:
+        groups[raw.group].append(raw)
+    assert len(groups) == len(src.ESPEAK_VOICES)  # one group per voice
+    for rs in groups.values():
+        numbers = [r for r in rs if r.label in src.NUMBER_WORDS]
+        assert sorted({r.label for r in numbers}) == sorted(src.NUMBER_WORDS)
+        assert sum(r.key.endswith("/telephone") for r in numbers) == len(src.NUMBER_WORDS)
+    seven = [r for r in raws if r.label == "seven" and not r.key.endswith("/telephone")]
+    a, b = (src._to_mono_16k(*r.load()) for r in seven[:2])
+    assert len(a) != len(b) or not np.allclose(a, b)  # the voice variant changes the audio
 
 
 def test_library_is_reused_and_rebuilt_when_the_config_changes(root, library, tmp_path):

@@ -124,19 +124,21 @@ def test_warm_start_begins_at_the_earlier_mean(pipeline, tmp_path):
 
 def test_evaluate_and_calibrate(pipeline, tmp_path):
     from training.eval.evaluate import calibrate_posterior, evaluate_posterior
+    from training.eval.predictions import PredictionRun
 
     data, base, post_dir, _ = pipeline
-    table = calibrate_posterior(base, post_dir, data, "calib", samples=4, progress=False)
+    run = PredictionRun(base, post_dir, data, samples=4, progress=False)
+    table = calibrate_posterior(run, "calib")
     assert [t["max_risk"] for t in table["targets"]] == [0.01, 0.02, 0.05, 0.1, 0.2]
     assert table["n"] == 16 and table["samples"] == 4
     for t in table["targets"]:
         assert (t["threshold"] is None) == (not t["feasible"])
     assert load_posterior(post_dir).calibration == table
     with pytest.raises(ValueError, match="never on test"):
-        calibrate_posterior(base, post_dir, data, "test", progress=False)
-    res = evaluate_posterior(
-        base, post_dir, data, "test", samples=4, out_dir=tmp_path / "rep", progress=False
-    )
+        calibrate_posterior(run, "test")
+    with pytest.raises(ValueError, match="samples must be at least 1"):
+        PredictionRun(base, post_dir, data, samples=0)
+    res = evaluate_posterior(run, "test", out_dir=tmp_path / "rep")
     assert res["n"] == 16
     # the reported accuracy is the one of the cached per-item predictions it was computed from
     from training.eval.predictions import predict_split

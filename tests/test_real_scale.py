@@ -117,7 +117,7 @@ def test_evaluation_in_bf16_is_cached_apart_and_agrees(trained, tmp_path):
     import shutil
 
     from training.eval.evaluate import calibrate_posterior
-    from training.eval.predictions import _cache_path, is_cached, predict_split
+    from training.eval.predictions import PredictionRun, _cache_path, is_cached, predict_split
     from training.stages.prefix import prefix_cache_key
 
     cfg, trained_dir = trained
@@ -141,9 +141,8 @@ def test_evaluation_in_bf16_is_cached_apart_and_agrees(trained, tmp_path):
         assert out[dtype].sample_probs.dtype == np.float32
     gap = np.abs(out["float32"].sample_probs - out["bfloat16"].sample_probs).max()
     assert gap < BF16_SERVE_ATOL, gap
-    table = calibrate_posterior(
-        cfg.base_dir, post_dir, data, "calib", samples=4, progress=False, dtype="bfloat16"
-    )
+    run = PredictionRun(cfg.base_dir, post_dir, data, samples=4, progress=False, dtype="bfloat16")
+    table = calibrate_posterior(run, "calib")
     assert table["dtype"] == "bfloat16"
     meta = json.loads((post_dir / "quaver.json").read_text())
     assert meta["calibration"]["dtype"] == "bfloat16"

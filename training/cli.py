@@ -20,6 +20,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing it for real would load torch at startup
+    from training.eval.predictions import PredictionRun
 
 
 def _split_sizes(specs: list[str] | None) -> dict[str, int]:
@@ -155,20 +159,27 @@ def cmd_default(args: argparse.Namespace) -> None:
     print(json.dumps(summary["times_s"], indent=2))
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from training.eval.evaluate import evaluate_posterior, format_table
+def _prediction_run(args: argparse.Namespace) -> PredictionRun:
+    """The PredictionRun that `quaver evaluate` / `quaver calibrate` arguments describe."""
+    from training.eval.predictions import PredictionRun
 
-    res = evaluate_posterior(
+    return PredictionRun(
         Path(args.base),
         Path(args.posterior),
         Path(args.data),
-        args.split,
         samples=args.samples,
-        out_dir=Path(args.out) if args.out else None,
         seed=args.seed,
         prefix_cache=Path(args.prefix_cache) if args.prefix_cache else None,
         device=args.device,
         dtype=args.dtype,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from training.eval.evaluate import evaluate_posterior, format_table
+
+    res = evaluate_posterior(
+        _prediction_run(args), args.split, out_dir=Path(args.out) if args.out else None
     )
     print(format_table(res))
     if args.out:
@@ -179,17 +190,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from training.eval.evaluate import calibrate_posterior
 
     table = calibrate_posterior(
-        Path(args.base),
-        Path(args.posterior),
-        Path(args.data),
-        args.split,
-        samples=args.samples,
-        delta=args.delta,
-        method=args.method,
-        seed=args.seed,
-        prefix_cache=Path(args.prefix_cache) if args.prefix_cache else None,
-        device=args.device,
-        dtype=args.dtype,
+        _prediction_run(args), args.split, delta=args.delta, method=args.method
     )
     for t in table["targets"]:
         thr = "abstain always" if t["threshold"] is None else f"threshold {t['threshold']:.4f}"

@@ -5,6 +5,9 @@
     quaver calibrate --base artifacts/tiny-base --posterior runs/tiny-ivon/posterior \
         --data data/bench --split calib --samples 8
 
+    run = PredictionRun(base_dir, posterior_dir, data_dir, samples=8)   # from Python
+    calibrate_posterior(run, "calib"); evaluate_posterior(run, "test", out_dir=reports)
+
 `evaluate` scores the posterior mean (K=1) and Bayesian model averaging over K samples: accuracy,
 ECE/MCE (15 bins), NLL, Brier, AUROC, AURC, coverage at 1/5/10% risk, risk at 50/80% coverage,
 overall and per family; writes metrics.json and PNG plots (reliability, risk-coverage,
@@ -22,7 +25,7 @@ import numpy as np
 
 from app.posterior import META_FILE
 from training.eval.metrics import confidence, correctness, summarize
-from training.eval.predictions import SplitPredictions, predict_split
+from training.eval.predictions import PredictionRun, SplitPredictions
 from training.eval.selective import calibrate_table, table_to_json
 
 TARGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -33,33 +36,11 @@ def predictor_probs(preds: SplitPredictions, samples: int) -> np.ndarray:
     return preds.mean_probs if samples <= 1 else preds.bma(samples)
 
 
-def evaluate_posterior(
-    base_dir: Path,
-    posterior_dir: Path,
-    data_dir: Path,
-    split: str,
-    samples: int = 8,
-    out_dir: Path | None = None,
-    progress: bool = True,
-    seed: int = 0,
-    prefix_cache: Path | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-) -> dict:
-    """Metrics of the posterior mean and of K-sample BMA on `split` (+ plots when out_dir), the
-    base in `dtype` on `device`."""
-    preds = predict_split(  # cached on disk: evaluate and calibrate share one prediction run
-        Path(base_dir),
-        Path(posterior_dir),
-        Path(data_dir),
-        split,
-        samples=max(samples, 1),
-        seed=seed,
-        progress=progress,
-        prefix_cache=prefix_cache,
-        device=device,
-        dtype=dtype,
-    )
+def evaluate_posterior(run: PredictionRun, split: str, out_dir: Path | None = None) -> dict:
+    """Metrics of the posterior mean and of K-sample BMA (K = run.samples) on `split`, plus
+    plots when `out_dir` is given."""
+    samples = run.samples
+    preds = run.predict(split)  # cached on disk: evaluate and calibrate share one prediction run
     results = {
         "split": split,
         "n": len(preds.labels),
@@ -97,36 +78,18 @@ def evaluate_posterior(
 
 
 def calibrate_posterior(
-    base_dir: Path,
-    posterior_dir: Path,
-    data_dir: Path,
+    run: PredictionRun,
     split: str = "calib",
-    samples: int = 8,
     delta: float = 0.05,
-    targets=TARGETS,
+    targets: tuple[float, ...] = TARGETS,
     method: str = "sgr",
-    progress: bool = True,
-    seed: int = 0,
-    prefix_cache: Path | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
 ) -> dict:
-    """Guaranteed-risk thresholds on `split`, written into the posterior's quaver.json (the
-    predictions made with the base in `dtype` on `device`; the table records the dtype)."""
+    """Guaranteed-risk thresholds on `split` for the confidence of `run.samples` samples,
+    written into the posterior's quaver.json (the table records the dtype when not float32)."""
     if split == "test":
         raise ValueError("calibrate on a held-out calibration split, never on test")
-    preds = predict_split(  # cached on disk: evaluate and calibrate share one prediction run
-        Path(base_dir),
-        Path(posterior_dir),
-        Path(data_dir),
-        split,
-        samples=max(samples, 1),
-        seed=seed,
-        progress=progress,
-        prefix_cache=prefix_cache,
-        device=device,
-        dtype=dtype,
-    )
+    samples, dtype = run.samples, run.dtype
+    preds = run.predict(split)  # cached on disk: evaluate and calibrate share one prediction run
     probs = predictor_probs(preds, samples)
     conf = confidence(probs)
     correct = correctness(probs, preds.labels, preds.n_choices)
@@ -136,7 +99,7 @@ def calibrate_posterior(
     table.update({"split": split, "samples": samples, "score": "max BMA probability"})
     if dtype != "float32":
         table["dtype"] = dtype  # served in another dtype, the thresholds are approximate
-    meta_path = Path(posterior_dir) / META_FILE
+    meta_path = run.posterior_dir / META_FILE
     meta = json.loads(meta_path.read_text())
     meta["calibration"] = table
     tmp = meta_path.with_suffix(".json.tmp")

@@ -8,6 +8,9 @@ posterior, so `quaver evaluate`, `quaver calibrate` and the report never recompu
     preds = predict_split(base_dir, posterior_dir, data_dir, "test", samples=8)
     preds.sample_probs   # (n, K, C_max) float32, zero-padded past each item's choices
 
+    run = PredictionRun(base_dir, posterior_dir, data_dir, samples=8)   # the same, as settings
+    run.predict("test")  # what evaluate / calibrate take instead of ten loose arguments
+
 With `prefix_cache=DIR`, the hidden states entering the first LoRA layer are stored per item
 too (`PrefixCache`): they depend only on the base weights, the data and that layer, so every
 posterior with LoRA in the same layers (other seeds, other optimizers, other hyperparameters)
@@ -113,6 +116,56 @@ def is_cached(
 ) -> bool:
     """Whether `predict_split` with these arguments would read its answer from disk."""
     return _cache_path(posterior_dir, data_dir, split, samples, seed, dtype).exists()
+
+
+@dataclass(frozen=True)
+class PredictionRun:
+    """One posterior's predictions, as evaluation and calibration ask for them: which model on
+    which data, with how many samples, on which device. `predict(split)` runs `predict_split`."""
+
+    base_dir: Path
+    """The assembled base model directory."""
+    posterior_dir: Path
+    """The exported posterior (mean, variance, quaver.json)."""
+    data_dir: Path
+    """The benchmark directory (manifests and audio)."""
+    samples: int = 8
+    """K posterior samples per item; 1 means the posterior mean alone."""
+    seed: int = 0
+    """Seed of the posterior draws."""
+    prefix_cache: Path | None = None
+    """Directory of cached frozen-prefix hidden states shared across posteriors (or None)."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base's dtype: float32 or bfloat16."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be at least 1, got {self.samples}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        for name in ("base_dir", "posterior_dir", "data_dir"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.prefix_cache is not None:
+            object.__setattr__(self, "prefix_cache", Path(self.prefix_cache))
+
+    def predict(self, split: str) -> SplitPredictions:
+        """Mean and K-sample probabilities of every item of `split` (cached on disk)."""
+        return predict_split(
+            self.base_dir,
+            self.posterior_dir,
+            self.data_dir,
+            split,
+            samples=self.samples,
+            seed=self.seed,
+            progress=self.progress,
+            prefix_cache=self.prefix_cache,
+            device=self.device,
+            dtype=self.dtype,
+        )
 
 
 def predict_split(

@@ -135,24 +135,22 @@ def calibrate_and_evaluate(
     every split: {name: {split: evaluate_posterior's result}}; plots in `<reports>/<name>-<split>`.
     """
     from training.eval.evaluate import calibrate_posterior, evaluate_posterior
+    from training.eval.predictions import PredictionRun
 
     results: dict[str, dict[str, dict]] = {}
     for name, post in posts.items():
-        k = samples_for(name, samples)
-        calibrate_posterior(
-            base, post, data_dir, "calib", samples=k, progress=progress, prefix_cache=prefix_cache
+        run = PredictionRun(
+            base,
+            post,
+            data_dir,
+            samples=samples_for(name, samples),
+            prefix_cache=prefix_cache,
+            progress=progress,
         )
+        calibrate_posterior(run, "calib")
         for split in splits:
-            results.setdefault(name, {})[split] = evaluate_posterior(
-                base,
-                post,
-                data_dir,
-                split,
-                samples=k,
-                out_dir=None if reports is None else Path(reports) / f"{name}-{split}",
-                progress=progress,
-                prefix_cache=prefix_cache,
-            )
+            out = None if reports is None else Path(reports) / f"{name}-{split}"
+            results.setdefault(name, {})[split] = evaluate_posterior(run, split, out_dir=out)
     return results
 
 
