@@ -85,7 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache", type=Path, required=True, help="prefix-cache folder")
     ap.add_argument("--layer", type=int, required=True, help="first LoRA layer of the cache")
     ap.add_argument("--train", default="pretrain", help="split the probes are fitted on")
-    ap.add_argument("--eval", default="calib", help="split they are scored on (never test)")
+    ap.add_argument(
+        "--eval",
+        default="calib",
+        help="split they are scored on: calib to decide anything; a test split only as a "
+        "diagnostic after every decision is made",
+    )
     ap.add_argument("--l2", type=float, default=1e-2, help="L2 penalty on the probe weights")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
