@@ -98,7 +98,10 @@ PACKAGES: dict[str, Package] = {
             "timgm6mb-soundfont", "train", "GPL-2", "usr/share/sounds/sf2/TimGM6mb.sf2", "font"
         ),
         Package(
-            "csound-soundfont", "train", "public-domain", "usr/share/sounds/sf2/sf_GMbank.sf2",
+            "csound-soundfont",
+            "train",
+            "public-domain",
+            "usr/share/sounds/sf2/sf_GMbank.sf2",
             "font",
         ),
         Package("espeak-ng", "train", "GPL-3", "usr/bin/espeak-ng", "espeak"),
@@ -630,8 +633,10 @@ TELEPHONE_BAND_HZ = (300.0, 3400.0)
 
 
 def telephone_band(x: np.ndarray) -> np.ndarray:
-    """(n,) at 16 kHz -> (n,) at 16 kHz as a telephone line carries it: sampled at 8 kHz and
-    band-passed to TELEPHONE_BAND_HZ (4th-order Butterworth, zero phase)."""
+    """(n,) at 16 kHz -> (2 * ceil(n / 2),) at 16 kHz as a telephone line carries it: sampled
+    at 8 kHz and band-passed to TELEPHONE_BAND_HZ (4th-order Butterworth, zero phase). An odd n
+    comes back one sample longer; the library trims every recording afterwards, and cutting it
+    here would change the measured run's library."""
     from scipy.signal import butter, resample_poly, sosfiltfilt
 
     narrow = resample_poly(x, 1, 2)  # 8 kHz; resample_poly low-passes first
