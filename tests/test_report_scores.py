@@ -5,6 +5,7 @@ bootstrap differences, goals and the markdown, and writing the decision into a q
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -155,6 +156,7 @@ def test_served_choice_thresholds_and_bootstrap(synthetic):
     )
     assert any(g["split"] == CONTROLS and g["pass"] in (True, False) for g in goals)
     served = [g for g in goals if g["split"] == "test_shift" and g["goal"].startswith("served")]
+    assert re.search(r"AURC diff -?\d+\.\d%", served[0]["detail"])  # intervals in percent
     assert served[0]["pass"] == (
         d["high"] < 0 and boot["test_shift"][pair]["coverage_at_risk_0.1"]["low"] > 0
     )

@@ -18,9 +18,7 @@ ship a default trained on the real mix is read from the run itself. The goals (d
 
 from __future__ import annotations
 
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+from training.recipes.flow import pct
 
 
 def _family_rows(real: dict, min_items: int, p_max: float) -> list[dict]:
@@ -32,7 +30,7 @@ def _family_rows(real: dict, min_items: int, p_max: float) -> list[dict]:
                 "goal": f"{fam} above chance (p < {p_max:g}, n >= {min_items})",
                 "split": "test_real",
                 "pass": (v["p_value"] < p_max) if enough else None,
-                "detail": f"{_pct(v['accuracy'])} vs chance {_pct(v['chance'])}, "
+                "detail": f"{pct(v['accuracy'])} vs chance {pct(v['chance'])}, "
                 f"p = {v['p_value']:.1e}, n = {v['n']}",
             }
         )
@@ -42,13 +40,13 @@ def _family_rows(real: dict, min_items: int, p_max: float) -> list[dict]:
 def _coverage_row(real: dict, min_coverage: float) -> dict:
     d = real["default_target"]
     ok = d["coverage"] >= min_coverage and d["within_target"] is True
-    risk = "no answers" if d["risk"] is None else f"risk {_pct(d['risk'])}"
+    risk = "no answers" if d["risk"] is None else f"risk {pct(d['risk'])}"
     return {
-        "goal": f"coverage >= {_pct(min_coverage)} at the default target, risk within it",
+        "goal": f"coverage >= {pct(min_coverage)} at the default target, risk within it",
         "split": "test_real",
         "pass": ok,
         "detail": f"target {d['max_risk']:g} (guaranteed by {d['guaranteed_by']}): "
-        f"coverage {_pct(d['coverage'])}, {risk}",
+        f"coverage {pct(d['coverage'])}, {risk}",
     }
 
 
@@ -58,10 +56,10 @@ def _controls_row(split: str, summary: dict, min_abstention: float) -> dict:
     # No guarantee at any target: the server abstains on everything, controls included.
     rate = 1.0 if key is None else ctl["targets"].get(key, {}).get("abstention")
     return {
-        "goal": f"controls withheld >= {_pct(min_abstention)} at the default target",
+        "goal": f"controls withheld >= {pct(min_abstention)} at the default target",
         "split": split,
         "pass": None if rate is None else rate >= min_abstention,
-        "detail": f"{_pct(rate)} of {ctl['n']}",
+        "detail": f"{pct(rate)} of {ctl['n']}",
     }
 
 
@@ -91,10 +89,10 @@ def shipping_goals(
     acc = None if synth is None else synth["accuracy"]
     rows.append(
         {
-            "goal": f"synthetic families' accuracy >= {_pct(min_synthetic)}",
+            "goal": f"synthetic families' accuracy >= {pct(min_synthetic)}",
             "split": "test",
             "pass": None if acc is None else acc >= min_synthetic,
-            "detail": "n/a" if synth is None else f"{_pct(acc)} of {synth['n']}",
+            "detail": "n/a" if synth is None else f"{pct(acc)} of {synth['n']}",
         }
     )
     return rows

@@ -154,6 +154,11 @@ def calibrate_and_evaluate(
     return results
 
 
+def pct(x: float | None) -> str:
+    """A fraction as a percentage with one decimal ("12.5%"); "n/a" for None."""
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Markdown table lines: a header row, the rule, one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

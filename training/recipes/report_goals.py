@@ -9,6 +9,7 @@ difference counts only when its interval excludes zero.
 
 from __future__ import annotations
 
+from training.recipes.flow import pct
 from training.recipes.report_scores import CONTROLS, key
 
 
@@ -17,14 +18,10 @@ def _m(agg: dict, split: str, pred: str, key_: str) -> tuple[float | None, float
     return a["mean"], a["std"]
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _interval(d: dict, pct: bool = True) -> str:
+def _interval(d: dict, as_pct: bool = True) -> str:
     if d["low"] is None:
         return "n/a"
-    f = _pct if pct else (lambda x: f"{x:.3f}")
+    f = pct if as_pct else (lambda x: f"{x:.3f}")
     return f"{f(d['diff'])} [{f(d['low'])}, {f(d['high'])}]"
 
 
@@ -42,7 +39,7 @@ def goal_checks(results: dict, main: str) -> list[dict]:
                 "goal": f"{main} ECE <= 0.5 x AdamW ECE",
                 "split": split,
                 "pass": ok,
-                "detail": f"{_pct(ivon_ece)} vs 0.5 x {_pct(adam_ece)}",
+                "detail": f"{pct(ivon_ece)} vs 0.5 x {pct(adam_ece)}",
             }
         )
         ivon_nll, _ = _m(agg, split, main, "nll")
@@ -64,7 +61,7 @@ def goal_checks(results: dict, main: str) -> list[dict]:
                 "goal": f"{main} accuracy >= AdamW accuracy - seed spread (larger std)",
                 "split": split,
                 "pass": ia >= aa - spread,
-                "detail": f"{_pct(ia)} vs {_pct(aa)} - {_pct(spread)}",
+                "detail": f"{pct(ia)} vs {pct(aa)} - {pct(spread)}",
             }
         )
         ic, _ = _m(agg, split, main, "coverage_at_risk_0.05")
@@ -75,7 +72,7 @@ def goal_checks(results: dict, main: str) -> list[dict]:
                 "goal": f"{main} coverage at 5% risk > AdamW and > AdamW + TS",
                 "split": split,
                 "pass": ic > ac and ic > tc,
-                "detail": f"{_pct(ic)} vs AdamW {_pct(ac)}, AdamW + TS {_pct(tc)}",
+                "detail": f"{pct(ic)} vs AdamW {pct(ac)}, AdamW + TS {pct(tc)}",
             }
         )
     rows += _served_goals(results)
@@ -102,8 +99,8 @@ def goal_checks(results: dict, main: str) -> list[dict]:
                 t["abstain_test_shift"]["mean"] > t["abstain_test"]["mean"] for t in informative
             ),
             "detail": ", ".join(
-                f"{t['max_risk']:g}: {_pct(t['abstain_test']['mean'])} -> "
-                f"{_pct(t['abstain_test_shift']['mean'])}"
+                f"{t['max_risk']:g}: {pct(t['abstain_test']['mean'])} -> "
+                f"{pct(t['abstain_test_shift']['mean'])}"
                 for t in informative
             )
             or "no target was feasible on calib",
@@ -157,7 +154,7 @@ def _served_goals(results: dict) -> list[dict]:
             "pass": None if None in (served, base) else served >= 0.9 and served > base,
             "detail": "no control items"
             if None in (served, base)
-            else f"{served:.3f} vs {base:.3f}; diff {_interval(d, pct=False)}",
+            else f"{served:.3f} vs {base:.3f}; diff {_interval(d, as_pct=False)}",
         }
     )
     thr = results["thresholds"]["summary"]["served"]
