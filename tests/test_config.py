@@ -84,6 +84,11 @@ def test_cli_reports_input_errors_without_a_traceback(tmp_path: Path, capsys) ->
     code = main(["evaluate", "--base", str(tmp_path), "--posterior", str(missing)])
     assert code == 2
     assert "quaver evaluate: error:" in capsys.readouterr().err
+    for cmd in ("evaluate", "calibrate"):  # K < 1 is a usage error, before anything loads
+        with pytest.raises(SystemExit) as exit_:
+            main([cmd, "--base", str(tmp_path), "--posterior", str(missing), "--samples", "0"])
+        assert exit_.value.code == 2
+        assert "--samples: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_cli_split_sizes_are_checked(tmp_path: Path, capsys) -> None:

@@ -26,6 +26,17 @@ if TYPE_CHECKING:  # annotations only: importing it for real would load torch at
     from training.eval.predictions import PredictionRun
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a clear usage error otherwise)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _split_sizes(specs: list[str] | None) -> dict[str, int]:
     """["pretrain=6000", ...] -> {"pretrain": 6000}; a malformed spec is a ConfigError."""
     from training.data.generate import REAL_SPLITS, SPLITS
@@ -320,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--posterior", required=True, help="posterior directory")
         e.add_argument("--data", default="data/bench", help="benchmark directory")
         e.add_argument("--split", default="test" if name == "evaluate" else "calib")
-        e.add_argument("--samples", type=int, default=8)
+        e.add_argument("--samples", type=_positive_int, default=8, help="K (1: the mean)")
         e.add_argument("--seed", type=int, default=0)
         e.add_argument(
             "--prefix-cache",

@@ -118,6 +118,14 @@ def is_cached(
     return _cache_path(posterior_dir, data_dir, split, samples, seed, dtype).exists()
 
 
+DTYPES = ("float32", "bfloat16")  # what the base may run in for predictions
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+
+
 @dataclass(frozen=True)
 class PredictionRun:
     """One posterior's predictions, as evaluation and calibration ask for them: which model on
@@ -145,8 +153,7 @@ class PredictionRun:
     def __post_init__(self) -> None:
         if self.samples < 1:
             raise ValueError(f"samples must be at least 1, got {self.samples}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        _check_dtype(self.dtype)
         for name in ("base_dir", "posterior_dir", "data_dir"):
             object.__setattr__(self, name, Path(getattr(self, name)))
         if self.prefix_cache is not None:
@@ -183,8 +190,7 @@ def predict_split(
 ) -> SplitPredictions:
     """Mean and K-sample probabilities for every item of `split` (cached on disk), with the base
     in `dtype` on `device` (cpu, cuda, cuda:N, auto); the probabilities are float32 either way."""
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    _check_dtype(dtype)
     cache = _cache_path(posterior_dir, data_dir, split, samples, seed, dtype)
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
