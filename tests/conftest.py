@@ -3,7 +3,9 @@ and a random posterior, built in-process."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ import torch
 from app.family import AUDIO_TOKEN, DECODER_LINEARS, build_model, tiny_config
 from app.modeling import save_checkpoint
 from app.posterior import LoRASpec, Posterior, save_posterior
+from training.data import sources as src
+from training.data.signals import SR
 
 WORDS = [
     "How many beeps are there?",
@@ -187,3 +191,30 @@ def assembled_base(tmp_path_factory):
     except (bm.BaseBuildError, ImportError) as exc:
         pytest.skip(str(exc))
     return bm.build_base(tmp_path_factory.mktemp("assembled") / "base", progress=False)
+
+
+# Real-recording fixtures (training.data.sources.write_fixture_root): the fonts' notes come from
+# fake_notes, so no sound font and no fluidsynth are needed.
+FONTS = ("timgm6mb-soundfont", "csound-soundfont", "fluidr3mono-gm-soundfont")
+FIXTURE_PACKAGES = (*src.FIXTURE_PACKAGES, *FONTS)
+
+
+def fake_notes(font: Path, notes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Stand-in for fluidsynth: a decaying harmonic tone per (program, note), the font's bytes
+    and the program shaping the timbre."""
+    salt = int(hashlib.sha256(font.read_bytes()).hexdigest()[:4], 16)
+    t = np.arange(round(src.NOTE_SLOT_S * SR)) / SR
+    out = []
+    for prog, note in notes:
+        f0 = 440.0 * 2 ** ((note - 69) / 12) * (1 + (salt % 11) / 300)  # each font its tuning
+        roll = 1.0 + ((prog * 7 + salt) % 5) / 2
+        x = sum(np.sin(2 * np.pi * k * f0 * t) / k**roll for k in range(1, 8) if k * f0 < 7000)
+        env = np.exp(-t * (1 + prog / 20)) * (t < src.NOTE_S) + 1e-4  # distinct per program
+        out.append(0.3 * x * env)
+    return out
+
+
+def write_real_fixture_root(path: Path) -> Path:
+    """A fixture root of every package in FIXTURE_PACKAGES (fonts as stand-in bytes)."""
+    extra = {pkg.probe: f"fake font {pkg.name}".encode() for pkg in map(src.PACKAGES.get, FONTS)}
+    return src.write_fixture_root(path, src.FixtureSpec(extra=extra))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import FIXTURE_PACKAGES, fake_notes, write_real_fixture_root
 from training.data import sources as src
 from training.data.generate import (
     REAL_FAMILY_NAMES,
@@ -30,29 +31,10 @@ from training.data.real_checks import Identifier, check_real_answer, pitch_shift
 from training.data.scene import render
 from training.data.signals import SR
 
-FONTS = ("timgm6mb-soundfont", "csound-soundfont", "fluidr3mono-gm-soundfont")
-FIXTURE_PACKAGES = (*src.FIXTURE_PACKAGES, *FONTS)
-
-
-def fake_notes(font: Path, notes: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Stand-in for fluidsynth: a decaying harmonic tone per (program, note), the font's bytes
-    and the program shaping the timbre."""
-    salt = int(hashlib.sha256(font.read_bytes()).hexdigest()[:4], 16)
-    t = np.arange(round(src.NOTE_SLOT_S * SR)) / SR
-    out = []
-    for prog, note in notes:
-        f0 = 440.0 * 2 ** ((note - 69) / 12) * (1 + (salt % 11) / 300)  # each font its tuning
-        roll = 1.0 + ((prog * 7 + salt) % 5) / 2
-        x = sum(np.sin(2 * np.pi * k * f0 * t) / k**roll for k in range(1, 8) if k * f0 < 7000)
-        env = np.exp(-t * (1 + prog / 20)) * (t < src.NOTE_S) + 1e-4  # distinct per program
-        out.append(0.3 * x * env)
-    return out
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    extra = {PKG.probe: f"fake font {PKG.name}".encode() for PKG in map(src.PACKAGES.get, FONTS)}
-    return src.write_fixture_root(tmp_path_factory.mktemp("root"), src.FixtureSpec(extra=extra))
+    return write_real_fixture_root(tmp_path_factory.mktemp("root"))
 
 
 @pytest.fixture(scope="module")

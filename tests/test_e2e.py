@@ -267,7 +267,7 @@ def test_finetune_pair_side_by_side_equals_one_after_the_other(toy_bench, toy_ba
     torch thread count is left as it was."""
     import torch
 
-    from training.recipes.flow import finetune_pair, runs_side_by_side
+    from training.recipes.flow import finetune_pair, side_by_side_workers
 
     def cfgs(root):
         out = {}
@@ -286,8 +286,12 @@ def test_finetune_pair_side_by_side_equals_one_after_the_other(toy_bench, toy_ba
         return out
 
     pair = cfgs(tmp_path / "pair")
-    assert runs_side_by_side(pair, cpus=2) and not runs_side_by_side(pair, cpus=1)
-    assert not runs_side_by_side({"ivon": pair["ivon"]}, cpus=2)
+    assert side_by_side_workers(pair, cpus=2) == 2 and side_by_side_workers(pair, cpus=1) == 1
+    assert side_by_side_workers({"ivon": pair["ivon"]}, cpus=2) == 1
+    many = {f"{name}-{i}": c for i in range(3) for name, c in pair.items()}  # 6 runs, 1 thread
+    assert side_by_side_workers(many, cpus=2) == 2 and side_by_side_workers(many, cpus=16) == 6
+    wide = {name: dataclasses.replace(c, threads=2) for name, c in many.items()}
+    assert side_by_side_workers(wide, cpus=4) == 2 and side_by_side_workers(wide, cpus=3) == 1
     threads = torch.get_num_threads()
     times: dict = {}
     try:

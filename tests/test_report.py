@@ -4,6 +4,7 @@ tiny pipeline (toy benchmark, one-epoch stage 1, two seeds of one-epoch IVON and
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,13 @@ import yaml
 
 from app.posterior import load_posterior
 from app.scores import Decision
+from tests.conftest import (
+    FIXTURE_PACKAGES,
+    fake_notes,
+    toy_pretrain_config,
+    write_real_fixture_root,
+)
+from training.data import sources as src
 from training.eval.metrics import summarize
 from training.eval.posterior_shape import update_size
 from training.eval.predictions import predict_split
@@ -93,13 +101,11 @@ def _no_nan(name: str):
     raise AssertionError(f"results.json holds {name}: not strict JSON")
 
 
-@pytest.fixture(scope="module")
-def report(toy_bench, toy_base, tmp_path_factory):
-    """`quaver report` through the CLI on a tiny pipeline with two seeds."""
+def _run_report(work: Path, base: Path, data: Path, *extra: str) -> None:
+    """`quaver report` through the CLI on a tiny pipeline: two seeds of one-epoch IVON and AdamW
+    runs, an ensemble of two, with their configs written into `work`."""
     from training.cli import main
 
-    work = tmp_path_factory.mktemp("report")
-    data, base = toy_bench, toy_base
     common = {
         "base_dir": "unused",  # replaced by --base below
         "data_dir": "unused",
@@ -143,9 +149,47 @@ def report(toy_bench, toy_base, tmp_path_factory):
         "--n-boot",
         "50",
         "--write-decision",
+        *extra,
     ]
     assert main(argv) == 0
-    return work, base, data
+
+
+@pytest.fixture(scope="module")
+def report(toy_bench, toy_base, tmp_path_factory):
+    """`quaver report` on the toy benchmark (no test_real, no control items)."""
+    work = tmp_path_factory.mktemp("report")
+    _run_report(work, toy_base, toy_bench)
+    return work, toy_base, toy_bench
+
+
+@pytest.fixture(scope="module")
+def real_report(tmp_path_factory):
+    """`quaver report` on a toy real-recording mix (fixture packages): control items in every
+    split and a `test_real` split, with a tiny base trained on its `pretrain`."""
+    from training.data.generate import BenchmarkConfig, generate_benchmark
+    from training.stages.pretrain import pretrain
+
+    work = tmp_path_factory.mktemp("real-report")
+    cfg = BenchmarkConfig(
+        seed=2,
+        pretrain=48,
+        train=24,
+        calib=24,
+        test=24,
+        test_shift=16,
+        test_real=32,
+        control_fraction=0.15,
+        real_sources=True,
+        real_packages=FIXTURE_PACKAGES,
+        sources_root=str(write_real_fixture_root(work / "root")),
+    )
+    data = work / "bench"
+    library = src.build_library(cfg.source_config, work / "library", renderer=fake_notes)
+    shutil.copytree(library.root, data / "sources")  # the notes were rendered by fake_notes
+    generate_benchmark(cfg, data, progress=False)
+    base = pretrain(toy_pretrain_config(data, work / "base"), progress=False)
+    _run_report(work, base, data, "--ks", "1,4,8")
+    return work
 
 
 def test_report_files_cover_every_predictor_and_split(report):
@@ -272,3 +316,26 @@ def test_report_numbers_equal_recomputed_metrics(report):
     # the aggregate is the mean over the per-seed numbers
     per = [res["per_seed"][s]["test"]["metrics"]["AdamW"]["overall"]["ece"] for s in ("0", "1")]
     assert res["aggregate"]["test"]["AdamW"]["ece"]["mean"] == pytest.approx(np.mean(per))
+
+
+def test_report_on_real_mix_covers_test_real_and_controls(real_report):
+    docs = real_report / "docs"
+    res = json.loads((docs / "results.json").read_text(), parse_constant=_no_nan)
+    md = (docs / "results.md").read_text()
+    assert res["splits"] == ["test", "test_shift", "test_real"]
+    # every split's control items are counted, and told apart from answerable ones per score
+    assert all(res["controls"][sp] > 0 for sp in ("test", "test_shift", "test_real"))
+    ctl = res["aggregate_scores"]["controls"]
+    for name in ("served", "AdamW + TS | maxprob", "IVON BMA K=8 | mutual_information"):
+        auroc = ctl[name]["auroc_control"]
+        assert auroc["n"] == 2 and 0.0 <= auroc["mean"] <= 1.0
+    # the goals on test_real and the controls are checked, not n/a
+    checked = {(g["split"], g["goal"][:12]) for g in res["goals"] if g["pass"] is not None}
+    assert ("test_real", "served IVON ") in checked and ("controls", "served IVON ") in checked
+    assert "### test_real" in md and "controls (the control items of every split)" in md
+    hist = [p for p in res["plots"] if p.startswith("results/controls_")]
+    assert hist and all((docs / p).read_bytes().startswith(b"\x89PNG") for p in hist)
+    # only the served score decides the abstention of the written posteriors
+    for s in ("0", "1"):
+        meta = json.loads((Path(res["runs"]["ivon"][s]) / "quaver.json").read_text())
+        assert Decision.from_meta(meta).score == res["decision"][s]["score"]

@@ -64,19 +64,20 @@ def load_pair(files: dict[str, Path], overrides: dict[str, dict] | None = None) 
     return cfgs
 
 
-def runs_side_by_side(cfgs: dict, cpus: int | None = None) -> bool:
-    """Whether `finetune_pair` trains the configs at the same time: each names its thread count,
-    all run on the CPU, and together they ask for no more threads than the machine has (the
-    default recipe's IVON and AdamW take 1 thread each on 2 cores: about 8 min together instead
-    of 16 one after the other). Threads do not change a run's result (`RESULT_NEUTRAL`)."""
+def side_by_side_workers(cfgs: dict, cpus: int | None = None) -> int:
+    """How many of `cfgs` `finetune_pair` trains at the same time: as many as the machine's
+    cores hold at the largest thread count any config names, when every config names one and
+    runs on the CPU; otherwise 1 (one after the other, in the calling process). The default
+    recipe's IVON and AdamW take 1 thread each on 2 cores: about 8 min together instead of 16
+    one after the other; the report's 15 runs go two at a time. Threads do not change a run's
+    result (`RESULT_NEUTRAL`)."""
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
     threads = [cfg.threads for cfg in cfgs.values()]
-    return (
-        len(cfgs) > 1
-        and all(t > 0 for t in threads)
-        and sum(threads) <= cpus
-        and all(cfg.device == "cpu" for cfg in cfgs.values())
-    )
+    if len(cfgs) < 2 or not all(t > 0 for t in threads):
+        return 1
+    if not all(cfg.device == "cpu" for cfg in cfgs.values()):
+        return 1
+    return max(1, min(len(cfgs), cpus // max(threads)))
 
 
 def _finetune_timed(cfg, progress: bool) -> tuple[Path, float]:
@@ -91,10 +92,10 @@ def finetune_pair(cfgs: dict, times: dict | None = None, progress: bool = True) 
     """Fine-tune every config (a finished run with the same settings is reused); returns the
     posterior directories by name and records each run's time in `times[<name>_s]`.
 
-    The runs go side by side in spawned processes when `runs_side_by_side` says they fit the
-    machine, otherwise one after the other in this process. Either way the caller's torch thread
-    count is left as it was (a run sets its own), so what follows does not inherit a run's 1
-    thread.
+    The runs go side by side in spawned processes, `side_by_side_workers` of them at a time
+    (the next one starts as soon as one ends), when they fit the machine; otherwise one after
+    the other in this process. Either way the caller's torch thread count is left as it was (a
+    run sets its own), so what follows does not inherit a run's 1 thread.
     """
     import torch
 
@@ -102,15 +103,16 @@ def finetune_pair(cfgs: dict, times: dict | None = None, progress: bool = True) 
 
     times = {} if times is None else times
     threads = torch.get_num_threads()
+    workers = side_by_side_workers(cfgs)
     try:
-        if not runs_side_by_side(cfgs):
+        if workers < 2:
             return {
                 name: timed(times, f"{name}_s", finetune, cfg, progress)
                 for name, cfg in cfgs.items()
             }
         # spawn, not fork: this process may hold torch threads that fork would copy half-way.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(len(cfgs), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             futures = {n: pool.submit(_finetune_timed, c, progress) for n, c in cfgs.items()}
             posts = {}
             for name, fut in futures.items():

@@ -18,7 +18,8 @@ Predictors compared (each on every seed):
   temperature-scaled, T fitted on `calib`);
 - AdamW-LoRA, AdamW-LoRA with temperature scaling fitted on `calib` (`fit_temperature`), and a
   deep ensemble of `ensemble_size` AdamW runs (seeds s, s+100, s+200, s+300 for report seed s;
-  the extra runs go through `seed_config` and `finetune_pair`, so they are resumed like the rest).
+  the extra runs go through `seed_config` and `finetune_pair`, so they are resumed like the rest;
+  all runs go to one `finetune_pair` call, which trains as many side by side as the cores hold).
 Confidence scores (`app.scores`): the maximum averaged probability; for predictors with samples
 the risk-averse score (mean minus lambda times the std of the chosen option's probability,
 lambda from `risk_lambdas` by lowest calib AURC) and minus the mutual information.
@@ -214,21 +215,21 @@ def run_report(cfg: ReportConfig) -> dict:
     runs: dict[str, dict[int, Path]] = {"ivon": {}, "adamw": {}}
     run_cfgs = {}
     for seed in cfg.seeds:
-        cfgs = {which: seed_config(cfg, which, seed) for which in OPTIMIZERS}
-        for which, run in cfgs.items():
-            run_cfgs[(which, seed)] = run
-            print(f"[report] fine-tune {which} seed {seed} -> {run.out_dir}", flush=True)
-        for which, post in finetune_pair(cfgs, progress=cfg.progress).items():
-            runs[which][seed] = post
+        for which in OPTIMIZERS:
+            run_cfgs[(which, seed)] = seed_config(cfg, which, seed)
     # the deep ensemble's extra AdamW runs (member 0 is the seed's own AdamW run above)
     extra = sorted(
         {m for s in cfg.seeds for m in ensemble_seeds(cfg, s)[1:]} if ensemble_name(cfg) else []
     )
     for member in extra:
-        run = seed_config(cfg, "adamw", member)
-        run_cfgs[("adamw", member)] = run
-        print(f"[report] fine-tune adamw ensemble member seed {member} -> {run.out_dir}")
-        runs["adamw"][member] = finetune_pair({"adamw": run}, progress=cfg.progress)["adamw"]
+        run_cfgs[("adamw", member)] = seed_config(cfg, "adamw", member)
+    for (which, seed), run in run_cfgs.items():
+        print(f"[report] fine-tune {which} seed {seed} -> {run.out_dir}", flush=True)
+    # all runs in one call, so that they share the cores (two at a time at 1 thread on 2 cores)
+    named = {f"{which}-{seed}": run for (which, seed), run in run_cfgs.items()}
+    posts = finetune_pair(named, progress=cfg.progress)
+    for which, seed in run_cfgs:
+        runs[which][seed] = posts[f"{which}-{seed}"]
     times["finetune_s"] = round(time.time() - t0, 1)
     # how far each run moved (IVON's Hessian from hess_init; the measured update of every run)
     shapes = {

@@ -2,7 +2,8 @@
 
     rows = goal_checks(results, "IVON BMA K=8")   # [{goal, split, pass, detail}]
 
-`pass` is None where a goal cannot be checked (a split the benchmark lacks, no control items).
+`pass` is None where a goal cannot be checked (a split the benchmark lacks, no control items,
+no risk target feasible on calib).
 The goals on the served IVON pair use the paired bootstrap intervals of `report_scores`: a
 difference counts only when its interval excludes zero.
 """
@@ -77,11 +78,12 @@ def goal_checks(results: dict, main: str) -> list[dict]:
         )
     rows += _served_goals(results)
     thr = results["thresholds"]["summary"][key(main, "maxprob")]
+    informative = [t for t in thr if t["feasible_seeds"] > 0]
     rows.append(
         {
             "goal": f"{main} guaranteed thresholds hold on test (risk <= target, every seed)",
             "split": "test",
-            "pass": all(t["held_test"] == t["seeds"] for t in thr),
+            "pass": _held(thr, informative),
             "detail": ", ".join(
                 f"{t['max_risk']:g}: held {t['held_test']}/{t['seeds']} "
                 f"(feasible {t['feasible_seeds']})"
@@ -89,15 +91,15 @@ def goal_checks(results: dict, main: str) -> list[dict]:
             ),
         }
     )
-    informative = [t for t in thr if t["feasible_seeds"] > 0]
     rows.append(
         {
             "goal": f"{main} abstains more on test_shift than on test (every feasible target)",
             "split": "test vs test_shift",
-            "pass": bool(informative)
-            and all(
+            "pass": all(
                 t["abstain_test_shift"]["mean"] > t["abstain_test"]["mean"] for t in informative
-            ),
+            )
+            if informative
+            else None,
             "detail": ", ".join(
                 f"{t['max_risk']:g}: {pct(t['abstain_test']['mean'])} -> "
                 f"{pct(t['abstain_test_shift']['mean'])}"
@@ -107,6 +109,13 @@ def goal_checks(results: dict, main: str) -> list[dict]:
         }
     )
     return rows
+
+
+def _held(thr: list[dict], feasible: list[dict]) -> bool | None:
+    """Whether every target's thresholds held on test on every seed; None (n/a) when no target
+    was feasible on any seed: an abstain-always rule holds by definition, so there is nothing to
+    check."""
+    return all(t["held_test"] == t["seeds"] for t in thr) if feasible else None
 
 
 def _served_goals(results: dict) -> list[dict]:
@@ -164,7 +173,7 @@ def _served_goals(results: dict) -> list[dict]:
             "goal": "served IVON guaranteed thresholds hold on test (every feasible target, "
             "every seed)",
             "split": "test",
-            "pass": all(t["held_test"] == t["seeds"] for t in thr),
+            "pass": _held(thr, feasible),
             "detail": ", ".join(
                 f"{t['max_risk']:g}: held {t['held_test']}/{t['seeds']} "
                 f"(feasible {t['feasible_seeds']})"
