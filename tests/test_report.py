@@ -204,6 +204,7 @@ def test_report_files_cover_every_predictor_and_split(report):
     assert names[0] == "IVON mean" and "IVON BMA K=32" in names and "AdamW + TS" in names
     assert "IVON BMA + TS" in names and names[-1] == "AdamW ensemble (2)"
     assert res["splits"] == ["test", "test_shift"]  # the toy benchmark has no test_real
+    assert res["benchmark"]["real_sources"] is False and "synthetic signals only" in md
     assert (
         res["command"].startswith("quaver report --ivon-config") and "--seeds 0,1" in res["command"]
     )
@@ -323,6 +324,8 @@ def test_report_on_real_mix_covers_test_real_and_controls(real_report):
     res = json.loads((docs / "results.json").read_text(), parse_constant=_no_nan)
     md = (docs / "results.md").read_text()
     assert res["splits"] == ["test", "test_shift", "test_real"]
+    assert res["benchmark"]["real_sources"] and "openttd-opensfx" in res["benchmark"]["packages"]
+    assert "real recordings from" in md and res["benchmark"]["fingerprint"][:16] in md
     # every split's control items are counted, and told apart from answerable ones per score
     assert all(res["controls"][sp] > 0 for sp in ("test", "test_shift", "test_real"))
     ctl = res["aggregate_scores"]["controls"]

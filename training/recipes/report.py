@@ -70,8 +70,8 @@ from training.recipes.report_scores import (
     summarize_seeds,
 )
 
-FORMAT_VERSION = 3  # 2: scores per predictor, ensemble, controls, bootstrap, served decision;
-# 3: posterior_shape (Hessian movement, measured update sizes)
+FORMAT_VERSION = 4  # 2: scores per predictor, ensemble, controls, bootstrap, served decision;
+# 3: posterior_shape (Hessian movement, measured update sizes); 4: benchmark
 
 
 @dataclass
@@ -187,6 +187,21 @@ def seed_config(cfg: ReportConfig, which: str, seed: int):
     if seed != base.seed:  # the config's own seed keeps its out_dir (existing runs are reused)
         overrides["out_dir"] = str(base.out_dir.with_name(f"{base.out_dir.name}-s{seed}"))
     return load_pair({which: path}, {which: overrides})[which]
+
+
+def benchmark_info(data_dir: Path) -> dict:
+    """Which benchmark the report measured: its folder, seed and fingerprint, and the Debian
+    packages its real recordings came from (none for the synthetic benchmark)."""
+    meta = json.loads((Path(data_dir) / "dataset.json").read_text())
+    sources = meta.get("sources") or {}
+    return {
+        "data_dir": str(data_dir),
+        "seed": meta["seed"],
+        "fingerprint": meta["fingerprint"],
+        "real_sources": bool(meta["config"].get("real_sources")),
+        "packages": sorted(sources.get("packages", {})),
+        "counts": meta["counts"],
+    }
 
 
 def machine_info() -> dict:
@@ -307,6 +322,7 @@ def run_report(cfg: ReportConfig) -> dict:
             "std": "sample std over seeds (ddof 1)",
             **cfg.extra,
         },
+        "benchmark": benchmark_info(run_cfgs[("ivon", cfg.seeds[0])].data_dir),
         "splits": list(splits),
         "items": {sp: len(preds[("ivon", cfg.seeds[0], sp)].labels) for sp in ("calib", *splits)},
         "controls": {

@@ -144,6 +144,22 @@ def _diff(d: dict, pct: bool) -> str:
     return out + (" *" if d["counts"] else "")
 
 
+def _benchmark_line(bench: dict | None) -> str:
+    """'- Benchmark: ...': the folder, seed, fingerprint and where the recordings came from."""
+    if not bench:
+        return "- Benchmark: not recorded (a report written before format 4)."
+    kind = (
+        f"synthetic signals plus real recordings from {len(bench['packages'])} Debian packages "
+        f"({', '.join(bench['packages'])})"
+        if bench["real_sources"]
+        else "synthetic signals only"
+    )
+    return (
+        f"- Benchmark: `{bench['data_dir']}`, seed {bench['seed']}, fingerprint "
+        f"{bench['fingerprint'][:16]}: {kind}."
+    )
+
+
 def _header(results: dict) -> list[str]:
     st = results["settings"]
     m = results["machine"]
@@ -167,6 +183,7 @@ def _header(results: dict) -> list[str]:
         f"python {m['python']}, torch {m['torch']}",
         f"- Seeds of the whole fine-tuning: {', '.join(map(str, seeds))}; every number is the "
         "mean ± sample std (ddof 1) over seeds unless it says pooled.",
+        _benchmark_line(results.get("benchmark")),
         f"- Items: {items}; choices per item: {', '.join(map(str, results['n_choices']))}.",
         f"- Reported splits: {', '.join(results['splits'])}; `calib` only fits temperatures, "
         "lambdas, thresholds and the served choice.",
