@@ -60,6 +60,10 @@ class ModelFamily:
     # projected audio embeddings itself (`encode_packed_audio`); False: `run_audio_tower` on the
     # padded window, then `projector`.
     packed_audio: bool = False
+    # True: the decoder layers are Llama's or Qwen2's (pre-norm attention with 1-D RoPE, then the
+    # MLP), so the last layer can run for each row's last token alone
+    # (`app.forward.last_token_layer`); False: it runs over every position like the others.
+    plain_decoder_layers: bool = True
 
     def load_model(self, path: Path, dtype: torch.dtype) -> nn.Module:
         """The model of a local checkpoint directory, in `dtype` on the CPU (never a hub)."""
@@ -158,6 +162,7 @@ class OmniThinkerFamily(ModelFamily):
     name: str = "qwen2.5-omni"
     model_types: tuple[str, ...] = ("qwen2_5_omni", "qwen2_5_omni_thinker")
     packed_audio: bool = True
+    plain_decoder_layers: bool = False  # multimodal RoPE: the last layer runs whole
 
     def load_model(self, path: Path, dtype: torch.dtype) -> nn.Module:
         """The thinker, from a thinker-only directory or from the published Omni directory

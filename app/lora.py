@@ -32,10 +32,13 @@ class SampleSet:
 
     rows: (n,) int64 indices of the batch rows that carry a sample (the others run at the mean).
     factors: module path -> (A (n, 2r, in), B (n, out, 2r)) deviation factors, scale folded into B.
+    every_row: True when `rows` is 0..n-1 of an n-row batch (every row a sample, in order), so
+    the deviations are added without gathering and scattering rows.
     """
 
     rows: torch.Tensor
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    every_row: bool = False
 
 
 _ACTIVE: ContextVar[SampleSet | None] = ContextVar("quaver_lora_samples", default=None)
@@ -85,6 +88,8 @@ class PosteriorLinear(nn.Module):
         if samples is None or self.name not in samples.factors:
             return y
         a, b = samples.factors[self.name]  # (n, 2r, in), (n, out, 2r)
+        if samples.every_row and x.shape[0] == a.shape[0]:  # the K-sample pass of evaluation
+            return y.add_(torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)).to(y.dtype))
         xs = x.index_select(0, samples.rows)  # (n, T, in)
         delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))  # (n, T, out)
         return y.index_add(0, samples.rows, delta.to(y.dtype))

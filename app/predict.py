@@ -255,4 +255,5 @@ class Predictor:
             start += k
         if not rows:
             return None
-        return SampleSet(torch.tensor(rows, device=self.loaded.device), concat_factors(parts))
+        index = torch.tensor(rows, device=self.loaded.device)
+        return SampleSet(index, concat_factors(parts), every_row=len(rows) == start)

@@ -57,23 +57,27 @@ class PrefixCache:
             base_dir, data_dir, split, first_layer, overlay_sha=overlay, dtype=dtype
         )
         self.path = Path(root) / f"{key}.pt"  # the file fine-tuning writes for this split too
-        self.rows: list[torch.Tensor] = (
-            torch.load(self.path, weights_only=True) if self.path.exists() else []
+        # one (T_i, d) tensor per item, in the split's order (the file's order too)
+        self.rows: dict[int, torch.Tensor] = (
+            dict(enumerate(torch.load(self.path, weights_only=True))) if self.path.exists() else {}
         )
         self.complete = self.path.exists()
 
-    def get(self, start: int, n: int) -> list[torch.Tensor] | None:
-        return self.rows[start : start + n] if self.complete else None
+    def get(self, index: list[int]) -> list[torch.Tensor] | None:
+        """The rows of items `index` (None until the whole split is cached)."""
+        return [self.rows[i] for i in index] if self.complete else None
 
-    def add(self, h: torch.Tensor, lengths: torch.Tensor) -> None:
+    def add(self, index: list[int], h: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Keep rows of `h` (b, T, d), trimmed to `lengths`, as the items `index`."""
         if not self.complete:
-            self.rows.extend(h[j, : int(t)].cpu().clone() for j, t in enumerate(lengths))
+            for j, (i, t) in enumerate(zip(index, lengths.tolist(), strict=True)):
+                self.rows[i] = h[j, :t].cpu().clone()
 
     def save(self) -> None:
         if not self.complete:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # concurrent evaluations
-            torch.save(self.rows, tmp)
+            torch.save([self.rows[i] for i in range(len(self.rows))], tmp)
             tmp.replace(self.path)
             self.complete = True
 
@@ -175,6 +179,15 @@ class PredictionRun:
         )
 
 
+def length_batches(items: list, batch_size: int) -> list[list[int]]:
+    """Item indices in batches of similar audio length (the prompt's length follows the clip's):
+    a batch is padded to its longest prompt, so grouping by length spends less of the pass on
+    padding (on the real mix's 2-6 s clips, 22 % of the padded positions in manifest order).
+    Stable, so the batches depend on the manifest alone."""
+    order = sorted(range(len(items)), key=lambda i: (items[i].duration_s, i))
+    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+
+
 def predict_split(
     base_dir: Path,
     posterior_dir: Path,
@@ -210,37 +223,40 @@ def predict_split(
     mean = np.zeros((len(items), c_max), np.float32)
     samp = np.zeros((len(items), samples, c_max), np.float32)
     torch.manual_seed(seed)
-    for start in tqdm(
-        range(0, len(items), batch_size), desc=f"predict {split} K={samples}", disable=not progress
+    for index in tqdm(
+        length_batches(items, batch_size),
+        desc=f"predict {split} K={samples}",
+        disable=not progress,
     ):
-        chunk = items[start : start + batch_size]
+        chunk = [items[i] for i in index]
         prepared = [
             predictor.prepare(load_audio_file(Path(data_dir), it), it.question, list(it.choices))
             for it in chunk
         ]
-        cached = pcache.get(start, len(chunk)) if pcache is not None else None
+        cached = pcache.get(index) if pcache is not None else None
         if cached is None:
             h, batch = predictor.prefix(prepared)  # (b, T, d): once for both paths below
             if pcache is not None:
-                pcache.add(h, batch.lengths)
+                pcache.add(index, h, batch.lengths)
         else:
             h, batch = pad_rows(cached)[0].to(predictor.loaded.device), predictor.batch(prepared)
         means = predictor.predict([Request(p, samples=1) for p in prepared], prefix=(h, batch))
         draws = (
             predictor.predict(
+                # an item's draws depend on the seed and its index only, not on its batch
                 [
-                    Request(p, samples=samples, seed=seed * 1_000_003 + start + j)
-                    for j, p in enumerate(prepared)
+                    Request(p, samples=samples, seed=seed * 1_000_003 + i)
+                    for i, p in zip(index, prepared, strict=True)
                 ],
                 prefix=(h, batch),
             )
             if samples > 1
             else means
         )
-        for j, it in enumerate(chunk):
+        for j, (i, it) in enumerate(zip(index, chunk, strict=True)):
             c = len(it.choices)
-            mean[start + j, :c] = means[j].probs
-            samp[start + j, :, :c] = draws[j].sample_probs
+            mean[i, :c] = means[j].probs
+            samp[i, :, :c] = draws[j].sample_probs
     if pcache is not None:
         pcache.save()
     out = SplitPredictions(
