@@ -79,15 +79,21 @@ class CachedPrefix:
             if len(self.hidden) == len(examples):
                 return
             self.hidden = []
+        # batches of similar prompt length (less padding: rows do not see each other), stored
+        # in the examples' order
+        lengths = [len(ex.prepared.prompt.ids) for ex in examples]
+        order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
+        hidden: list[torch.Tensor | None] = [None] * len(examples)
         with torch.no_grad():
-            for i in tqdm(
-                range(0, len(examples), 16), desc="cache prefix", disable=not progress, leave=False
+            for b in tqdm(
+                range(0, len(order), 16), desc="cache prefix", disable=not progress, leave=False
             ):
-                chunk = examples[i : i + 16]
-                batch, _ = make_batch(chunk, pad_id)
+                index = order[b : b + 16]
+                batch, _ = make_batch([examples[i] for i in index], pad_id)
                 h = prefix_hidden(model, batch.to(self.device), split, family)  # (b, T, d)
-                for j, ex in enumerate(chunk):
-                    self.hidden.append(h[j, : len(ex.prepared.prompt.ids)].to("cpu", copy=True))
+                for j, i in enumerate(index):
+                    hidden[i] = h[j, : lengths[i]].to("cpu", copy=True)
+        self.hidden = hidden
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent runs may write it too
