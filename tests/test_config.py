@@ -114,3 +114,20 @@ def test_cli_pretrain_weights(tmp_path: Path, capsys) -> None:
     assert main(["data", "--out", str(out), *sizes, "--pretrain-weight", "rhythm=3"]) == 0
     families = [item.family for item in read_manifest(out, "pretrain")]
     assert families.count("rhythm") == 3 and len(set(families)) == 9  # one 11-slot rotation
+
+
+def test_cli_default_takes_benchmark_sizes(tmp_path: Path, capsys) -> None:
+    """`quaver default --size ... --even-pretrain` reaches the recipe's benchmark overrides
+    (the real mix's lever runs, docs/real_sounds.md); a bad size is a usage error."""
+    from training.cli import build_parser, default_recipe, main
+
+    args = build_parser().parse_args(
+        ["default", "--real-mix", "--no-ship", "--size", "pretrain=4800", "--even-pretrain"]
+    )
+    recipe = default_recipe(args)
+    assert recipe.real_mix and recipe.ship_dir is None
+    assert recipe.sizes == {"pretrain": 4800, "pretrain_weights": {}}
+    plain = default_recipe(build_parser().parse_args(["default"]))
+    assert plain.sizes == {} and plain.ship_dir == Path("app/default")
+    assert main(["default", "--work", str(tmp_path), "--size", "pretrain=lots"]) == 2
+    assert "want SPLIT=N" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: importing it for real would load torch at startup
     from training.eval.predictions import PredictionRun
+    from training.recipes.default import DefaultRecipe
 
 
 def _positive_int(text: str) -> int:
@@ -154,19 +155,29 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.work) / 'pipeline.md'}")
 
 
-def cmd_default(args: argparse.Namespace) -> None:
-    """The embedded default's recipe end to end, shipped into app/default/."""
-    from training.recipes.default import DefaultRecipe, run_default
+def default_recipe(args: argparse.Namespace) -> DefaultRecipe:
+    """The DefaultRecipe that `quaver default` arguments describe."""
+    from training.recipes.default import DefaultRecipe
 
-    recipe = DefaultRecipe(
+    sizes: dict = dict(_split_sizes(args.size))
+    if args.even_pretrain:  # every family the same share of pretrain (BENCHMARK's weights off)
+        sizes["pretrain_weights"] = {}
+    return DefaultRecipe(
         work=Path(args.work),
         base_dir=Path(args.base),
         configs=Path(args.configs),
         ship_dir=None if args.no_ship else Path(args.ship),
         report=Path(args.report),
         real_mix=args.real_mix,
+        sizes=sizes,
     )
-    summary = run_default(recipe)
+
+
+def cmd_default(args: argparse.Namespace) -> None:
+    """The embedded default's recipe end to end, shipped into app/default/."""
+    from training.recipes.default import run_default
+
+    summary = run_default(default_recipe(args))
     print(json.dumps(summary["times_s"], indent=2))
 
 
@@ -320,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the benchmark with real recordings, controls and test_real (recipes/default.py)",
     )
     dm.add_argument("--report", default="docs/default_model.md", help="per-family results")
+    dm.add_argument(
+        "--size",
+        action="append",
+        metavar="SPLIT=N",
+        help="override a split's size (e.g. pretrain=4800)",
+    )
+    dm.add_argument(
+        "--even-pretrain",
+        action="store_true",
+        help="every family the same share of pretrain (the real mix weights synthetic ones 2)",
+    )
     dm.set_defaults(func=cmd_default)
 
     for name, helptext in (
