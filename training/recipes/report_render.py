@@ -272,7 +272,8 @@ def _served_section(results: dict) -> list[str]:
             f"{c['predictor']} {c['score']} {100 * c['aurc']:.2f}" for c in d["candidates"]
         )
         t = "-" if d["temperature"] is None else f"{d['temperature']:.3f}"
-        rows.append([seed, d["key"], t, f"{d['risk_lambda']:g}", cands])
+        served = d["key"].replace(" | ", " ")  # "predictor | score": a pipe would split the cell
+        rows.append([seed, served, t, f"{d['risk_lambda']:g}", cands])
     lines += md_table(["seed", "served", "T", "lambda", "calib AURC % of each candidate"], rows)
     return lines
 
