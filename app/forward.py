@@ -298,7 +298,6 @@ def suffix_letter_logits(
     """Layers [split, L), final norm, letter logits at each row's last token: (B, n_letters)."""
     runner = DecoderRunner(model, family)
     top = runner.num_layers - 1
-    rows = torch.arange(h.shape[0], device=h.device)
     if split <= top and _last_token_ok(runner.lm.layers[top], family):
         # layers [split, L-1) over every position, the last layer at each row's last token
         h = runner.run(h, split, top, should_stop)
@@ -306,7 +305,7 @@ def suffix_letter_logits(
         last = last_token_layer(runner.lm.layers[top], h, lengths, runner.rotary(h))
     else:
         h = runner.run(h, split, runner.num_layers, should_stop)
-        last = h[rows, lengths - 1]  # (B, d)
+        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # (B, d)
     last = runner.lm.norm(last)
     weight = family.lm_head(model).weight[letter_ids]  # (n_letters, d): only the rows we need
     return last @ weight.T

@@ -10,7 +10,7 @@ Three savings, each exact up to float rounding (tests/test_forward.py, tests/tes
   every_row    when every row of the pass carries a sample, the LoRA deviations are added without
                gathering and scattering rows (`app.lora.SampleSet.every_row`)
   sorted       batches of similar audio length, so less of each batch is padding
-               (`training.eval.predictions.length_batches`)
+               (`training.stages.batches.length_batches`)
 Variants (cumulative), timed in one process on the same model, prefixes and posterior:
   before       the whole last layer, rows gathered, batches in manifest order
   last_token   + last_token
@@ -36,14 +36,14 @@ from app.family import QWEN2_AUDIO, build_model
 from app.lora import SampleSet
 from app.predict import Predictor, Request
 from bench.k_samples import random_posterior, shape_config, synthetic_loaded, synthetic_request
-from training.eval.predictions import length_batches
+from training.stages.batches import length_batches
 
 VARIANTS = ("before", "last_token", "every_row", "sorted")
 
 
 class BenchPredictor(Predictor):
-    """A Predictor whose savings can be switched off: `gather` gathers the sample rows as before
-    `every_row`; `whole_last` runs the last layer over every position (the family's flag off)."""
+    """A Predictor whose savings can be switched off (`switch`): `gather` gathers the sample rows
+    as before `every_row`; the family's `plain_decoder_layers` off runs the whole last layer."""
 
     gather = False
 
@@ -103,9 +103,8 @@ def main() -> None:
     manifest_order = [
         list(range(b, min(b + a.batch_size, len(secs)))) for b in range(0, len(secs), a.batch_size)
     ]
-    items = [SimpleNamespace(duration_s=s) for s in secs]
     orders = {v: manifest_order for v in VARIANTS[:-1]}
-    orders["sorted"] = length_batches(items, a.batch_size)
+    orders["sorted"] = length_batches(secs, a.batch_size)
     prefixes = {}  # (variant's order, batch) -> prefix: shared, as the prefix cache does
     for v in ("before", "sorted"):
         for b, index in enumerate(orders[v]):

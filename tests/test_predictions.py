@@ -1,17 +1,16 @@
 """predict_split's batches: grouped by clip length, and no item's numbers depend on its batch."""
 
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 
 from app.modeling import load_checkpoint
-from training.eval.predictions import length_batches
+from training.stages.batches import length_batches
 
 
 def test_length_batches_group_similar_clips_and_keep_every_item_once():
     secs = [5.0, 2.0, 3.0, 2.0, 6.0, 2.5, 4.0]
-    batches = length_batches([SimpleNamespace(duration_s=s) for s in secs], 3)
+    batches = length_batches(secs, 3)
     assert batches == [[1, 3, 5], [2, 6, 0], [4]]  # ties in manifest order
     assert sorted(i for b in batches for i in b) == list(range(len(secs)))
     assert length_batches([], 4) == []
@@ -30,7 +29,10 @@ def test_predictions_do_not_depend_on_the_batching(tiny_dir, tmp_path):
     sizes = {"pretrain": 0, "train": 0, "calib": 0, "test": 7, "test_shift": 0}
     generate_benchmark(BenchmarkConfig(seed=3, **sizes), data, progress=False)
     items = read_manifest(data, "test")
-    assert length_batches(items, 4) != [[0, 1, 2, 3], [4, 5, 6]]  # the order really changes
+    assert length_batches([it.duration_s for it in items], 4) != [
+        [0, 1, 2, 3],
+        [4, 5, 6],
+    ]  # the order really changes
     model = load_checkpoint(tiny_dir)
     post = save_posterior(
         tmp_path / "post", random_posterior(model.model, seed=4, base_hash=model.identity)

@@ -53,6 +53,16 @@ def make_batch(examples: list[Example], pad_id: int) -> tuple[PromptBatch, torch
     return batch, torch.tensor([e.label for e in examples], dtype=torch.long)
 
 
+def length_batches(lengths: list[float], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length (a clip's seconds or a prompt's tokens), in order of
+    length, ties in index order. A batch is padded to its longest row, so grouping by length
+    spends less of a pass on padding (on the real mix's 2-6 s clips, 22 % of the padded
+    positions in manifest order). For passes whose rows do not see each other: prediction and
+    the prefix cache, not training's shuffled batches (`bucketed_order`)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+
+
 def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Shuffled index batches for one epoch, reproducible from (seed, epoch)."""
     idx = list(range(n))

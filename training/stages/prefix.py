@@ -19,7 +19,7 @@ from app.family import QWEN2_AUDIO, ModelFamily
 from app.forward import prefix_hidden
 from app.modeling import base_identity
 from app.prompt import PROMPT_VERSION
-from training.stages.batches import Example, make_batch, pad_rows
+from training.stages.batches import Example, length_batches, make_batch, pad_rows
 
 
 def prefix_cache_key(
@@ -82,13 +82,11 @@ class CachedPrefix:
         # batches of similar prompt length (less padding: rows do not see each other), stored
         # in the examples' order
         lengths = [len(ex.prepared.prompt.ids) for ex in examples]
-        order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
         hidden: list[torch.Tensor | None] = [None] * len(examples)
         with torch.no_grad():
-            for b in tqdm(
-                range(0, len(order), 16), desc="cache prefix", disable=not progress, leave=False
+            for index in tqdm(
+                length_batches(lengths, 16), desc="cache prefix", disable=not progress, leave=False
             ):
-                index = order[b : b + 16]
                 batch, _ = make_batch([examples[i] for i in index], pad_id)
                 h = prefix_hidden(model, batch.to(self.device), split, family)  # (b, T, d)
                 for j, i in enumerate(index):
