@@ -95,6 +95,13 @@ def test_config_is_validated(tmp_path):
         ReportConfig(
             ivon_config=tmp_path / "x.yaml", adamw_config=tmp_path / "x.yaml", seeds=(1, 1)
         )
+    with pytest.raises(ValueError, match="large_samples"):  # must lie above the main draw's K
+        ReportConfig(
+            ivon_config=tmp_path / "x.yaml",
+            adamw_config=tmp_path / "x.yaml",
+            samples=(1, 4, 8),
+            large_samples=(8, 16),
+        )
 
 
 def _no_nan(name: str):
@@ -188,7 +195,8 @@ def real_report(tmp_path_factory):
     shutil.copytree(library.root, data / "sources")  # the notes were rendered by fake_notes
     generate_benchmark(cfg, data, progress=False)
     base = pretrain(toy_pretrain_config(data, work / "base"), progress=False)
-    _run_report(work, base, data, "--ks", "1,4,8")
+    large = ("--large-ks", "16,32", "--large-splits", "test,test_real")
+    _run_report(work, base, data, "--ks", "1,4,8", *large)
     return work
 
 
@@ -342,3 +350,36 @@ def test_report_on_real_mix_covers_test_real_and_controls(real_report):
     for s in ("0", "1"):
         meta = json.loads((Path(res["runs"]["ivon"][s]) / "quaver.json").read_text())
         assert Decision.from_meta(meta).score == res["decision"][s]["score"]
+
+
+def test_large_k_drawn_on_named_splits_only(real_report):
+    """--large-ks 16,32 on test and test_real: one K=32 draw per seed and split, each row the
+    first K samples of it, checked against the cached draw by hand."""
+    from training.eval.metrics import summarize
+
+    docs = real_report / "docs"
+    res = json.loads((docs / "results.json").read_text(), parse_constant=_no_nan)
+    md = (docs / "results.md").read_text()
+    assert res["settings"]["large_samples"] == [16, 32]
+    assert set(res["large_k"]) == {"test", "test_real"}  # not test_shift
+    assert set(res["large_k"]["test"]) == {"IVON BMA K=8", "IVON BMA K=16", "IVON BMA K=32"}
+    assert "IVON BMA K=32" not in res["predictors"]  # not a row of the main tables
+    assert "--large-ks 16,32 --large-splits test,test_real" in res["command"]
+    assert "## IVON BMA at larger K" in md
+    post = Path(res["runs"]["ivon"]["0"])
+    (cached,) = (post / "predictions").glob("test-K32-s0-*.npz")
+    z = np.load(cached)
+    assert z["sample_probs"].shape[1] == 32
+    for k in (8, 16, 32):
+        want = summarize(
+            z["sample_probs"][:, :k].mean(1),
+            z["labels"],
+            n_choices=z["n_choices"],
+            sample_probs=z["sample_probs"][:, :k],
+            risks=(0.05, 0.1, 0.2),
+        )["overall"]
+        row = res["large_k"]["test"][f"IVON BMA K={k}"]
+        for m in ("accuracy", "ece", "nll", "coverage_at_risk_0.1"):
+            assert row[m]["values"][0] == pytest.approx(want[m], abs=1e-9), (k, m)
+        assert row["accuracy"]["n"] == 2
+    assert (docs / "results/metrics_vs_k_test.png").read_bytes().startswith(b"\x89PNG")

@@ -237,6 +237,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         data_dir=Path(args.data) if args.data else None,
         threads=args.threads,
         samples=tuple(int(k) for k in args.ks.split(",") if k.strip()),
+        large_samples=tuple(int(k) for k in args.large_ks.split(",") if k.strip()),
+        large_splits=tuple(sp.strip() for sp in args.large_splits.split(",") if sp.strip()),
         device=args.device,
         ensemble_size=args.ensemble_size,
         n_boot=args.n_boot,
@@ -381,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0, help="torch threads for prediction")
     r.add_argument("--device", default=None, help="prediction device (default: each run's own)")
     r.add_argument("--ks", default="1,4,8,16,32", help="IVON BMA sample counts (must include 8)")
+    r.add_argument(
+        "--large-ks", default="", help="IVON BMA sizes above --ks, drawn on --large-splits only"
+    )
+    r.add_argument("--large-splits", default="test", help="splits the --large-ks are drawn on")
     r.add_argument("--ensemble-size", type=int, default=4, help="AdamW deep ensemble (1: none)")
     r.add_argument("--n-boot", type=int, default=1000, help="paired bootstrap resamples")
     r.add_argument(

@@ -15,7 +15,9 @@ go to `<out_dir>-s<seed>`.
 Predictors compared (each on every seed):
 - IVON posterior mean (K=1, no noise) and IVON Bayesian model averaging over the first K of 32
   weight samples, K = 1, 4, 8, 16, 32; IVON BMA + TS (the served K's averaged probabilities
-  temperature-scaled, T fitted on `calib`);
+  temperature-scaled, T fitted on `calib`); where K = 32 on every split costs too much,
+  `--ks 1,4,8 --large-ks 16,32` draws the large K on `test` only (`large_splits`) and reports
+  them in a table of their own;
 - AdamW-LoRA, AdamW-LoRA with temperature scaling fitted on `calib` (`fit_temperature`), and a
   deep ensemble of `ensemble_size` AdamW runs (seeds s, s+100, s+200, s+300 for report seed s;
   the extra runs go through `seed_config` and `finetune_pair`, so they are resumed like the rest;
@@ -65,6 +67,7 @@ from training.recipes.report_scores import (
     bootstrap_differences,
     ensemble_name,
     ensemble_seeds,
+    large_k_summary,
     predictor_names,
     score_seeds,
     summarize_seeds,
@@ -87,6 +90,10 @@ class ReportConfig:
     data_dir: Path | None = None  # overrides both configs' data_dir
     samples: tuple[int, ...] = (1, 4, 8, 16, 32)  # IVON BMA sizes; the largest is drawn once
     main_samples: int = 8  # K of the served predictor, the one the goals are checked on
+    # IVON BMA sizes above `samples`, drawn only on `large_splits` (K=32 costs four K=8 passes per
+    # split): a separate table of the same metrics, K = main_samples recomputed from that draw
+    large_samples: tuple[int, ...] = ()
+    large_splits: tuple[str, ...] = ("test",)  # splits the large_samples are drawn on
     targets: tuple[float, ...] = DEFAULT_TARGETS  # risk targets of the thresholds
     delta: float = 0.05  # failure probability of each guaranteed threshold
     # risk-averse score = mean - lambda * std of the chosen option; lambda from this grid by
@@ -111,6 +118,8 @@ class ReportConfig:
         self.data_dir = Path(self.data_dir) if self.data_dir is not None else None
         self.seeds = tuple(int(s) for s in self.seeds)
         self.samples = tuple(sorted(int(k) for k in self.samples))
+        self.large_samples = tuple(sorted(int(k) for k in self.large_samples))
+        self.large_splits = tuple(str(sp) for sp in self.large_splits)
         self.targets = tuple(sorted(float(t) for t in self.targets))
         self.risk_lambdas = tuple(sorted(float(x) for x in self.risk_lambdas))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -119,6 +128,16 @@ class ReportConfig:
             raise ValueError(f"samples must be distinct sample counts >= 1, got {self.samples}")
         if self.main_samples not in self.samples:
             raise ValueError(f"main_samples={self.main_samples} must be one of {self.samples}")
+        if self.large_samples and (
+            self.large_samples[0] <= max(self.samples)
+            or len(set(self.large_samples)) != len(self.large_samples)
+        ):
+            raise ValueError(
+                f"large_samples must be distinct and above samples' {max(self.samples)}, "
+                f"got {self.large_samples}"
+            )
+        if self.large_samples and not self.large_splits:
+            raise ValueError("large_samples need at least one split in large_splits")
         if not self.targets or not all(0 < t < 1 for t in self.targets):
             raise ValueError(f"targets must be risks in (0, 1), got {self.targets}")
         if 0.05 not in self.targets:
@@ -156,6 +175,10 @@ def report_command(cfg: ReportConfig) -> str:
         parts.append(f"--data {cfg.data_dir}")
     if cfg.samples != (1, 4, 8, 16, 32):
         parts.append(f"--ks {','.join(map(str, cfg.samples))}")
+    if cfg.large_samples:
+        parts.append(f"--large-ks {','.join(map(str, cfg.large_samples))}")
+        if cfg.large_splits != ("test",):
+            parts.append(f"--large-splits {','.join(cfg.large_splits)}")
     if cfg.ensemble_size != 4:
         parts.append(f"--ensemble-size {cfg.ensemble_size}")
     if cfg.n_boot != 1000:
@@ -284,6 +307,29 @@ def run_report(cfg: ReportConfig) -> dict:
             dtype=run.dtype,
         )
     times["predict_s"] = round(time.time() - t, 1)
+    large = {}
+    if cfg.large_samples:
+        t = time.time()
+        unknown = sorted(set(cfg.large_splits) - set(splits))
+        if unknown:
+            raise ValueError(f"large_splits {unknown} are not reported splits {splits}")
+        jobs = [(s, sp) for s in cfg.seeds for sp in cfg.large_splits]
+        for seed, split in tqdm(jobs, desc="report large K", disable=not cfg.progress):
+            run = run_cfgs[("ivon", seed)]
+            large[(seed, split)] = predict_split(
+                run.base_dir,
+                runs["ivon"][seed],
+                run.data_dir,
+                split,
+                samples=max(cfg.large_samples),
+                seed=seed,
+                batch_size=cfg.batch_size,
+                progress=cfg.progress,
+                prefix_cache=pcache,
+                device=cfg.device or run.device,
+                dtype=run.dtype,
+            )
+        times["predict_large_s"] = round(time.time() - t, 1)
 
     t = time.time()
     names = predictor_names(cfg)
@@ -309,6 +355,8 @@ def run_report(cfg: ReportConfig) -> dict:
         "settings": {
             "seeds": list(cfg.seeds),
             "samples": list(cfg.samples),
+            "large_samples": list(cfg.large_samples),
+            "large_splits": list(cfg.large_splits) if cfg.large_samples else [],
             "main_predictor": main,
             "targets": list(cfg.targets),
             "delta": cfg.delta,
@@ -339,6 +387,7 @@ def run_report(cfg: ReportConfig) -> dict:
         "decision": decisions,
         "bootstrap": boot,
         "by_family_accuracy": summary["by_family_accuracy"],
+        "large_k": large_k_summary(cfg, large) if large else {},
         "thresholds": {"summary": summary["thresholds"], "per_seed": thresholds_seed},
         "per_seed": per_seed,
     }

@@ -65,13 +65,13 @@ def make_plots(cfg: ReportConfig, results: dict, pooled: dict, main: str) -> lis
                     conf, corr, folder / f"confidence_{slug}_{sp}.png", title=f"{n}, {sp}"
                 )
             )
+        # K of the main draw, then the large K where this split has them (their own draw)
+        rows = [results["aggregate"][sp][f"IVON BMA K={k}"] for k in cfg.samples]
+        large = results.get("large_k", {}).get(sp, {})
+        ks = [*cfg.samples, *(k for k in cfg.large_samples if f"IVON BMA K={k}" in large)]
+        rows += [large[f"IVON BMA K={k}"] for k in ks[len(cfg.samples) :]]
+        values = {m: [r[m]["mean"] for r in rows] for m in ("accuracy", "ece", "nll")}
         agg = results["aggregate"][sp]
-        ks = list(cfg.samples)
-        values = {
-            "accuracy": [agg[f"IVON BMA K={k}"]["accuracy"]["mean"] for k in ks],
-            "ece": [agg[f"IVON BMA K={k}"]["ece"]["mean"] for k in ks],
-            "nll": [agg[f"IVON BMA K={k}"]["nll"]["mean"] for k in ks],
-        }
         base = {m: agg["AdamW"][m]["mean"] for m in values}
         written.append(
             plots.metrics_vs_samples(
@@ -227,6 +227,35 @@ def _metrics_tables(results: dict) -> list[str]:
             for n in results["predictors"]
         ]
         lines += md_table(["predictor"] + [COLUMNS[c][0] for c in cols], rows)
+    return lines
+
+
+def _large_k_tables(results: dict) -> list[str]:
+    """IVON BMA at the large K, on the splits they were drawn on (none: no section)."""
+    large = results.get("large_k") or {}
+    if not large:
+        return []
+    cols = ["accuracy", "ece", "nll", "brier", "aurc", "coverage_at_risk_0.05"]
+    cols += ["coverage_at_risk_0.1", "coverage_at_risk_0.2"]
+    lines = [
+        "",
+        "## IVON BMA at larger K",
+        "",
+        "Drawn on " + ", ".join(f"`{sp}`" for sp in large) + " only, one draw of "
+        f"K = {max(results['settings']['large_samples'])} per seed; each row averages its first "
+        "K samples, so the rows differ only in K (the "
+        f"{results['settings']['main_predictor']} row here comes from this draw). "
+        "Confidence is the max probability; MI AURC ranks by minus the mutual information.",
+    ]
+    for sp, rows in large.items():
+        lines += ["", f"### {sp}", ""]
+        body = [
+            [n]
+            + [_fmt(agg[c], COLUMNS[c][1]) for c in cols]
+            + [_fmt(agg["aurc_mutual_information"], True)]
+            for n, agg in rows.items()
+        ]
+        lines += md_table(["predictor"] + [COLUMNS[c][0] for c in cols] + ["MI AURC %"], body)
     return lines
 
 
@@ -396,6 +425,7 @@ def render_markdown(results: dict) -> str:
     """docs/results.md from the results dict (every number also in results.json)."""
     lines = _header(results)
     lines += _metrics_tables(results)
+    lines += _large_k_tables(results)
     lines += _score_tables(results)
     lines += _served_section(results)
     lines += _bootstrap_section(results)

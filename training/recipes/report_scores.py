@@ -513,6 +513,29 @@ def summarize_seeds(
     }
 
 
+def large_k_summary(cfg: ReportConfig, large: dict) -> dict:
+    """IVON BMA at K = main_samples and every `cfg.large_samples` size on the splits drawn with
+    the largest K (`large`: {(seed, split): SplitPredictions}), the first K samples of one draw
+    per seed, so the rows differ only in K: {split: {"IVON BMA K=k": {metric: aggregate}}}, the
+    metrics table's columns plus "aurc_mutual_information"."""
+    out: dict = {}
+    for sp in sorted({sp for _, sp in large}):
+        rows = {}
+        for k in (cfg.main_samples, *cfg.large_samples):
+            per_seed = []
+            for seed in cfg.seeds:
+                p = large[(seed, sp)]
+                s = Scored(p.bma(k), p.sample_probs[:, :k], p.labels, p.n_choices, p.families)
+                overall = summarize_scored(s, 0.0)["overall"]
+                row = {c: overall.get(c) for c in COLUMNS}
+                mi = s.score("mutual_information")
+                row["aurc_mutual_information"] = selective_metrics(mi, s.correct)["aurc"]
+                per_seed.append(row)
+            rows[f"IVON BMA K={k}"] = _agg_tree(per_seed)
+        out[sp] = rows
+    return out
+
+
 def aggregate(values: Sequence[float | None]) -> dict:
     """Mean and sample std (ddof 1; None with one value) over seeds, ignoring None values."""
     vals = [float(v) for v in values if v is not None]
