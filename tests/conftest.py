@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,17 @@ def write_real_fixture_root(path: Path) -> Path:
     """A fixture root of every package in FIXTURE_PACKAGES (fonts as stand-in bytes)."""
     extra = {pkg.probe: f"fake font {pkg.name}".encode() for pkg in map(src.PACKAGES.get, FONTS)}
     return src.write_fixture_root(path, src.FixtureSpec(extra=extra))
+
+
+def fixture_library(cfg, out: Path) -> src.Library:
+    """The source library of a BenchmarkConfig over the fixture packages, notes by fake_notes."""
+    return src.build_library(cfg.source_config, out, renderer=fake_notes)
+
+
+def fixture_benchmark(cfg, library: src.Library, out: Path) -> Path:
+    """generate_benchmark of `cfg` into `out`, reading the fonts' notes from `library` (copied in
+    as the benchmark's sources), so nothing is rendered with fluidsynth."""
+    from training.data.generate import generate_benchmark
+
+    shutil.copytree(library.root, out / "sources")
+    return generate_benchmark(cfg, out, progress=False)

@@ -16,7 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import FIXTURE_PACKAGES, fake_notes, write_real_fixture_root
+from tests.conftest import (
+    FIXTURE_PACKAGES,
+    fixture_benchmark,
+    fixture_library,
+    write_real_fixture_root,
+)
 from training.data import sources as src
 from training.data.generate import (
     REAL_FAMILY_NAMES,
@@ -55,15 +60,12 @@ def cfg(root) -> BenchmarkConfig:
 
 @pytest.fixture(scope="module")
 def library(cfg, tmp_path_factory) -> src.Library:
-    out = tmp_path_factory.mktemp("lib")
-    return src.build_library(cfg.source_config, out, renderer=fake_notes)
+    return fixture_library(cfg, tmp_path_factory.mktemp("lib"))
 
 
 @pytest.fixture(scope="module")
 def dataset(cfg, library, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("real") / "ds"
-    shutil.copytree(library.root, out / "sources")  # the notes were rendered by fake_notes
-    return generate_benchmark(cfg, out, progress=False)
+    return fixture_benchmark(cfg, library, tmp_path_factory.mktemp("real") / "ds")
 
 
 # ----------------------------------------------------------------------------- the default

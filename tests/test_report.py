@@ -4,7 +4,6 @@ tiny pipeline (toy benchmark, one-epoch stage 1, two seeds of one-epoch IVON and
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,11 @@ from app.posterior import load_posterior
 from app.scores import Decision
 from tests.conftest import (
     FIXTURE_PACKAGES,
-    fake_notes,
+    fixture_benchmark,
+    fixture_library,
     toy_pretrain_config,
     write_real_fixture_root,
 )
-from training.data import sources as src
 from training.eval.metrics import summarize
 from training.eval.posterior_shape import update_size
 from training.eval.predictions import predict_split
@@ -173,7 +172,7 @@ def report(toy_bench, toy_base, tmp_path_factory):
 def real_report(tmp_path_factory):
     """`quaver report` on a toy real-recording mix (fixture packages): control items in every
     split and a `test_real` split, with a tiny base trained on its `pretrain`."""
-    from training.data.generate import BenchmarkConfig, generate_benchmark
+    from training.data.generate import BenchmarkConfig
     from training.stages.pretrain import pretrain
 
     work = tmp_path_factory.mktemp("real-report")
@@ -191,9 +190,7 @@ def real_report(tmp_path_factory):
         sources_root=str(write_real_fixture_root(work / "root")),
     )
     data = work / "bench"
-    library = src.build_library(cfg.source_config, work / "library", renderer=fake_notes)
-    shutil.copytree(library.root, data / "sources")  # the notes were rendered by fake_notes
-    generate_benchmark(cfg, data, progress=False)
+    fixture_benchmark(cfg, fixture_library(cfg, work / "library"), data)
     base = pretrain(toy_pretrain_config(data, work / "base"), progress=False)
     large = ("--large-ks", "16,32", "--large-splits", "test,test_real")
     _run_report(work, base, data, "--ks", "1,4,8", *large)
