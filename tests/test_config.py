@@ -129,5 +129,7 @@ def test_cli_default_takes_benchmark_sizes(tmp_path: Path, capsys) -> None:
     assert recipe.sizes == {"pretrain": 4800, "pretrain_weights": {}}
     plain = default_recipe(build_parser().parse_args(["default"]))
     assert plain.sizes == {} and plain.ship_dir == Path("app/default")
+    assert plain.real_mix  # the shipped default's benchmark
+    assert not default_recipe(build_parser().parse_args(["default", "--synthetic"])).real_mix
     assert main(["default", "--work", str(tmp_path), "--size", "pretrain=lots"]) == 2
     assert "want SPLIT=N" in capsys.readouterr().err

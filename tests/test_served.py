@@ -8,7 +8,12 @@ import pytest
 
 from training.data.manifest import Item
 from training.eval.predictions import SplitPredictions
-from training.eval.served import family_accuracy_vs_chance, served_summary
+from training.eval.served import (
+    family_accuracy_vs_chance,
+    served_items,
+    served_summary,
+    versus,
+)
 
 
 def _item(i: int, family: str, control: str = "") -> Item:
@@ -85,3 +90,51 @@ def test_item_count_must_match() -> None:
     preds = _preds([0.9], [True], ["f"])
     with pytest.raises(ValueError, match="2 items but predictions for 1"):
         served_summary(preds, [_item(0, "f"), _item(1, "f")], CALIB, 2)
+
+
+def test_served_items_are_the_summary_per_item() -> None:
+    conf = [0.95, 0.92, 0.91, 0.8, 0.6, 0.55, 0.93, 0.5]
+    right = [True, True, False, True, True, False, False, True]
+    fams = ["f"] * 6 + ["control"] * 2
+    items = [_item(i, f, "silence" if f == "control" else "") for i, f in enumerate(fams)]
+    got = served_items(_preds(conf, right, fams), items, CALIB, samples=2)
+    assert got.answered.tolist() == [True, True, True, False, False, False, True, False]
+    assert got.correct.tolist() == right and got.control.tolist() == [False] * 6 + [True] * 2
+    d = served_summary(_preds(conf, right, fams), items, CALIB, samples=2)["default_target"]
+    assert got.answered.sum() == d["answered"]
+
+
+def test_versus_by_hand() -> None:
+    # 4 controls, 4 synthetic ("count") and 4 real ("pitch_real") items. The new posterior
+    # withholds 3 controls (the old one 1), gets 2 of 4 synthetic (old 3) and 4 of 4 real (old 1).
+    fams = ["control"] * 4 + ["count"] * 4 + ["pitch_real"] * 4
+    items = [_item(i, f, "noise" if f == "control" else "") for i, f in enumerate(fams)]
+    new = _preds(
+        [0.95, 0.6, 0.6, 0.6] + [0.8] * 8,
+        [True] * 4 + [True, True, False, False] + [True] * 4,
+        fams,
+    )
+    old = _preds(
+        [0.95, 0.95, 0.95, 0.6] + [0.8] * 8,
+        [True] * 4 + [True, True, True, False] + [True, False, False, False],
+        fams,
+    )
+    calib = {"targets": [{"max_risk": 0.2, "threshold": 0.7, "coverage": 0.5, "feasible": True}]}
+    a, b = (served_items(x, items, calib, samples=2) for x in (new, old))
+    out = versus(a, b, synthetic=("count",), n_boot=200, seed=1)
+    assert out["controls_withheld"]["a"] == 0.75 and out["controls_withheld"]["b"] == 0.25
+    assert out["synthetic_accuracy"]["diff"] == pytest.approx(-0.25)
+    assert out["real_accuracy"]["diff"] == pytest.approx(0.75)
+    assert {k: v["n"] for k, v in out.items()} == {
+        "controls_withheld": 4,
+        "synthetic_accuracy": 4,
+        "real_accuracy": 4,
+    }
+    # paired: every resample of the real items keeps new >= old, so the interval is >= 0
+    assert out["real_accuracy"]["low"] >= 0 and out["real_accuracy"]["high"] <= 1
+    # no synthetic family on the split: no synthetic row, every answerable item is "real";
+    # decisions on other items are refused
+    no_ctl = versus(*(served_items(x, items, calib, 2) for x in (new, old)), synthetic=("x",))
+    assert "synthetic_accuracy" not in no_ctl and no_ctl["real_accuracy"]["n"] == 8
+    with pytest.raises(ValueError, match="same items"):
+        versus(a, served_items(_preds([0.9], [True], ["f"]), [_item(0, "f")], calib, 2), ("f",))

@@ -14,17 +14,23 @@ posterior's calibration table (quaver.json "calibration") and the cached predict
     from training.eval.served import served_summary
     report = served_summary(preds, items, meta["calibration"], samples=8)
     report["default_target"]["coverage"], report["families"]["sound_class"]["p_value"]
+
+`served_items` gives the same decisions per item, and `versus` sets two posteriors' decisions on
+the same items side by side (paired bootstrap intervals): how `quaver default` tells whether a
+new default serves users at least as well as the shipped one (recipes/default_goals.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from app.thresholds import default_risk, threshold_for
 from training.data.controls import abstention_on_controls, control_mask
 from training.data.manifest import Item
+from training.eval.bootstrap import paired_bootstrap
 from training.eval.metrics import confidence, correctness
 from training.eval.predictions import SplitPredictions
 
@@ -55,6 +61,69 @@ def family_accuracy_vs_chance(
         chance = float(np.mean(1.0 / n_choices[sel]))
         p = binomtest(k, n, chance, alternative="greater").pvalue
         out[fam] = {"n": n, "accuracy": k / n, "chance": chance, "p_value": float(p)}
+    return out
+
+
+@dataclass
+class ServedItems:
+    """The served rule's decisions on one split, per item (all arrays (n,))."""
+
+    answered: np.ndarray  # bool: confidence >= the default target's threshold
+    correct: np.ndarray  # bool: the top choice is the label
+    control: np.ndarray  # bool: a control item (any answer is a guess)
+    family: np.ndarray  # str: the item's family
+
+
+def served_items(
+    preds: SplitPredictions,
+    items: Sequence[Item],
+    calibration: Mapping,
+    samples: int,
+    configured_risk: float | None = None,
+) -> ServedItems:
+    """Per-item decisions of the server's default-target rule (see served_summary)."""
+    probs = preds.mean_probs if samples <= 1 else preds.bma(samples)
+    if len(items) != len(probs):
+        raise ValueError(f"{len(items)} items but predictions for {len(probs)}")
+    conf = confidence(probs)
+    thr = threshold_for(dict(calibration), default_risk(dict(calibration), configured_risk))
+    return ServedItems(
+        answered=conf >= thr.value,
+        correct=correctness(probs, preds.labels, preds.n_choices),
+        control=control_mask(items),
+        family=np.asarray(preds.families, dtype=str),
+    )
+
+
+def versus(
+    new: ServedItems,
+    old: ServedItems,
+    synthetic: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """`new` against `old` on the same items: {measure: paired_bootstrap result (new - old)}.
+
+    Measures, each only where the split has its items: "controls_withheld" (share of the
+    control items not answered), "synthetic_accuracy" (accuracy over the families in
+    `synthetic`) and "real_accuracy" (accuracy over the answerable items of the other families).
+    """
+    if len(new.correct) != len(old.correct) or not np.array_equal(new.family, old.family):
+        raise ValueError("versus needs both posteriors' decisions on the same items")
+    synth = np.isin(new.family, list(synthetic)) & ~new.control
+    masks = {
+        "controls_withheld": (new.control, lambda s: ~s.answered),
+        "synthetic_accuracy": (synth, lambda s: s.correct),
+        "real_accuracy": (~synth & ~new.control, lambda s: s.correct),
+    }
+    out = {}
+    for name, (mask, value) in masks.items():
+        if mask.any():
+            a, b = value(new)[mask].astype(float), value(old)[mask].astype(float)
+            out[name] = {
+                **paired_bootstrap(np.mean, a, b, n_boot=n_boot, seed=seed),
+                "n": int(mask.sum()),
+            }
     return out
 
 
