@@ -162,6 +162,10 @@ def pct(x: float | None) -> str:
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Markdown table lines: a header row, the rule, one line per row."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+    """Markdown table lines: a header row, the rule, one line per row. A "|" inside a cell
+    (e.g. "predictor | score") is escaped, so it does not split the cell."""
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
