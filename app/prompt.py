@@ -18,9 +18,10 @@ the order the user sent them; `PromptIds.order` maps each letter back to the use
 the predictor reports probabilities in the user's order. So the answer never depends on how the
 choices are listed (multiple-choice LMs are known to be biased by option position), and the model
 reads the answer off its hidden state without first having to find which letter carries it: a
-fixed set of choices always gets the same letters. Measured on the embedded default
-(docs/default_model.md): the answer is linearly readable from the layer-26 state of the last
-token, but 3000 training items with shuffled letters did not teach the top layers to find it.
+fixed set of choices always gets the same letters. Measured on the earlier (synthetic)
+default (docs/default_model_synthetic.md): the answer is linearly readable from the layer-26
+state of the last token, but 3000 training items with shuffled letters did not teach the top
+layers to find it.
 """
 
 from __future__ import annotations

@@ -160,14 +160,16 @@ def reworded_accuracy(
 def record_golden(
     base_dir: Path, posterior_dir: Path, data_dir: Path, n: int, bench_seed: int, clips: Path
 ) -> dict:
-    """Posterior-mean probabilities for the first `n` test items, through a freshly loaded base
-    plus the shipped overlay: what tests/test_default_model.py must reproduce. The clips are
+    """Posterior-mean probabilities (as served: with the posterior's decision) for the first `n`
+    test items, through a freshly loaded base plus the shipped overlay: what
+    tests/test_default_model.py must reproduce. The clips are
     copied into `clips` (the benchmark's real recordings come from Debian packages, so the test
     reads the clips rather than rendering them again)."""
     from app.predict import Predictor, Request
     from training.data.manifest import load_audio_file, read_manifest
 
-    predictor = Predictor.from_dirs(base_dir, posterior_dir)
+    # what the server returns: the posterior's stored decision (temperature) applied
+    predictor = Predictor.from_dirs(base_dir, posterior_dir, use_decision=True)
     clips = Path(clips)
     clips.mkdir(parents=True, exist_ok=True)
     items = []
