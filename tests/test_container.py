@@ -343,13 +343,15 @@ def test_compose_prometheus_scrapes_the_app_and_records_abstention(stack, clips)
 
         # A few answers at a time until the 1 min rule has an answer rate to divide by: rate()
         # needs two scrapes (every 5 s) of a counter that grew, and the rule runs every 15 s.
-        def rule_value() -> float | None:
+        # The value is boxed: a rate of 0.0 (every answer given, none abstained) is data too,
+        # and wait_for polls until its check returns something truthy.
+        def rule_value() -> tuple[float] | None:
             post_answer(stack.app, clips[0], seed=len(clips))
             result = stack.query(ABSTENTION_RULE)
             value = float(result[0]["value"][1]) if result else math.nan
-            return value if math.isfinite(value) else None
+            return (value,) if math.isfinite(value) else None
 
-        value = wait_for(f"{ABSTENTION_RULE} with data", rule_value, 180)
+        (value,) = wait_for(f"{ABSTENTION_RULE} with data", rule_value, 180)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{stack.logs()}") from None
     (up,) = stack.query('up{job="quaver"}')
