@@ -41,14 +41,21 @@ CALIB = {
 }
 
 
-def test_served_summary_by_hand() -> None:
-    # 6 answerable items, 2 controls. Confidence >= 0.9 answers at the default target (0.1, the
-    # lowest feasible): items 0, 1, 2 (one wrong) and control 6 (wrong).
-    conf = [0.95, 0.92, 0.91, 0.8, 0.6, 0.55, 0.93, 0.5]
-    right = [True, True, False, True, True, False, False, True]
+# 6 answerable items, 2 controls. Confidence >= 0.9 answers at the default target (0.1, the
+# lowest feasible): items 0, 1, 2 (one wrong) and control 6 (wrong).
+BY_HAND_CONF = [0.95, 0.92, 0.91, 0.8, 0.6, 0.55, 0.93, 0.5]
+BY_HAND_RIGHT = [True, True, False, True, True, False, False, True]
+
+
+def _by_hand() -> tuple[SplitPredictions, list[Item]]:
     fams = ["f"] * 6 + ["control"] * 2
     items = [_item(i, f, "silence" if f == "control" else "") for i, f in enumerate(fams)]
-    out = served_summary(_preds(conf, right, fams), items, CALIB, samples=2)
+    return _preds(BY_HAND_CONF, BY_HAND_RIGHT, fams), items
+
+
+def test_served_summary_by_hand() -> None:
+    preds, items = _by_hand()
+    out = served_summary(preds, items, CALIB, samples=2)
     d = out["default_target"]
     assert d["max_risk"] == 0.1 and d["threshold"] == 0.9
     assert d["answered"] == 4 and d["coverage"] == pytest.approx(4 / 8)
@@ -64,7 +71,7 @@ def test_served_summary_by_hand() -> None:
         f["n"] == 6 and f["accuracy"] == pytest.approx(4 / 6) and "control" not in out["families"]
     )
     # a configured target overrides the lowest feasible one
-    d2 = served_summary(_preds(conf, right, fams), items, CALIB, 2, configured_risk=0.2)
+    d2 = served_summary(preds, items, CALIB, 2, configured_risk=0.2)
     assert d2["default_target"]["threshold"] == 0.7 and d2["default_target"]["answered"] == 5
 
 
@@ -93,14 +100,12 @@ def test_item_count_must_match() -> None:
 
 
 def test_served_items_are_the_summary_per_item() -> None:
-    conf = [0.95, 0.92, 0.91, 0.8, 0.6, 0.55, 0.93, 0.5]
-    right = [True, True, False, True, True, False, False, True]
-    fams = ["f"] * 6 + ["control"] * 2
-    items = [_item(i, f, "silence" if f == "control" else "") for i, f in enumerate(fams)]
-    got = served_items(_preds(conf, right, fams), items, CALIB, samples=2)
+    preds, items = _by_hand()
+    got = served_items(preds, items, CALIB, samples=2)
     assert got.answered.tolist() == [True, True, True, False, False, False, True, False]
-    assert got.correct.tolist() == right and got.control.tolist() == [False] * 6 + [True] * 2
-    d = served_summary(_preds(conf, right, fams), items, CALIB, samples=2)["default_target"]
+    assert got.correct.tolist() == BY_HAND_RIGHT
+    assert got.control.tolist() == [False] * 6 + [True] * 2
+    d = served_summary(preds, items, CALIB, samples=2)["default_target"]
     assert got.answered.sum() == d["answered"]
 
 
