@@ -72,6 +72,10 @@ class ServedItems:
     correct: np.ndarray  # bool: the top choice is the label
     control: np.ndarray  # bool: a control item (any answer is a guess)
     family: np.ndarray  # str: the item's family
+    confidence: np.ndarray  # float: the served confidence (max averaged probability)
+    max_risk: float  # the default target a request without max_risk gets
+    guaranteed_by: float | None  # the table's target whose threshold is used (None: none)
+    threshold: float  # that threshold (+inf: abstain on everything)
 
 
 def served_items(
@@ -86,12 +90,17 @@ def served_items(
     if len(items) != len(probs):
         raise ValueError(f"{len(items)} items but predictions for {len(probs)}")
     conf = confidence(probs)
-    thr = threshold_for(dict(calibration), default_risk(dict(calibration), configured_risk))
+    risk = default_risk(dict(calibration), configured_risk)
+    thr = threshold_for(dict(calibration), risk)
     return ServedItems(
         answered=conf >= thr.value,
         correct=correctness(probs, preds.labels, preds.n_choices),
         control=control_mask(items),
         family=np.asarray(preds.families, dtype=str),
+        confidence=conf,
+        max_risk=risk,
+        guaranteed_by=thr.max_risk,
+        threshold=float(thr.value),
     )
 
 
@@ -137,24 +146,17 @@ def served_summary(
 ) -> dict:
     """The served rule on one split: see the module docstring. `samples` is the K the server
     draws (1: the posterior mean); `configured_risk` is QUAVER_DEFAULT_MAX_RISK (None: unset)."""
-    probs = preds.mean_probs if samples <= 1 else preds.bma(samples)
-    if len(items) != len(probs):
-        raise ValueError(f"{len(items)} items but predictions for {len(probs)}")
-    conf = confidence(probs)
-    correct = correctness(probs, preds.labels, preds.n_choices)
-    controls = control_mask(items)
-    risk = default_risk(dict(calibration), configured_risk)
-    thr = threshold_for(dict(calibration), risk)
-    answered = conf >= thr.value
+    got = served_items(preds, items, calibration, samples, configured_risk)
+    conf, correct, controls, answered = got.confidence, got.correct, got.control, got.answered
     n_ans, n_err = int(answered.sum()), int((answered & ~correct).sum())
     answerable = ~controls
     return {
         "n": len(items),
         "controls": int(controls.sum()),
         "default_target": {
-            "max_risk": risk,
-            "guaranteed_by": thr.max_risk,
-            "threshold": None if not np.isfinite(thr.value) else float(thr.value),
+            "max_risk": got.max_risk,
+            "guaranteed_by": got.guaranteed_by,
+            "threshold": None if not np.isfinite(got.threshold) else got.threshold,
             "coverage": n_ans / len(items),
             "coverage_answerable": float(answered[answerable].mean()) if answerable.any() else None,
             "answered": n_ans,
@@ -163,7 +165,9 @@ def served_summary(
             # the realised risk is at most the guaranteed target (the guarantee holds with
             # probability 1 - delta over calibration sets, so one split may exceed it)
             "within_target": (
-                None if not n_ans or thr.max_risk is None else bool(n_err / n_ans <= thr.max_risk)
+                None
+                if not n_ans or got.guaranteed_by is None
+                else bool(n_err / n_ans <= got.guaranteed_by)
             ),
         },
         "controls_abstention": abstention_on_controls(items, conf, calibration, delta),
