@@ -24,6 +24,7 @@ from tests.conftest import (
 )
 from training.data import sources as src
 from training.data.generate import (
+    ABSENT_ANSWERS,
     REAL_FAMILY_NAMES,
     SPLITS,
     BenchmarkConfig,
@@ -313,14 +314,22 @@ def test_pitch_checker_hears_the_direction_not_the_note_numbers():
 
 
 def test_real_controls_hold_no_event_and_use_the_split_pool(cfg, library):
-    kinds = set()
+    kinds, absent = set(), set()
+    ident = Identifier(library)
     pool_of = {r.key: r.pool for r in library.recordings}
     for i in range(40):
         gen = generate_item(
             dataclasses.replace(cfg, test_real_control_fraction=1.0), "test_real", i,
             library=library,
         )  # fmt: skip
-        assert gen.item.family == "control" and not gen.example.scene.events
+        assert not gen.example.scene.events
+        if gen.item.difficulty.get("absent_audio"):  # presence questions: answerable, "no"
+            assert gen.item.family in ABSENT_ANSWERS and gen.example.answer == "no"
+            assert check_real_answer(gen.item.family, gen.example, ident) == "no"
+            absent.add(gen.item.family)
+            continue
+        assert gen.item.family == "control"
+        assert gen.item.difficulty["of_family"] not in ABSENT_ANSWERS
         kind = gen.item.difficulty["control"]
         kinds.add(kind)
         if kind == "unrelated_real":
@@ -331,6 +340,7 @@ def test_real_controls_hold_no_event_and_use_the_split_pool(cfg, library):
         else:
             assert np.sqrt(np.mean(render(gen.example.scene) ** 2)) > 0.05
     assert kinds == {"silence", "unrelated", "unrelated_real"}
+    assert absent == {"presence_real", "speech_presence"}
 
 
 def test_real_benchmark_is_deterministic_and_resumes(cfg, dataset, tmp_path):

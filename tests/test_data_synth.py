@@ -249,16 +249,24 @@ def test_control_items_are_silent_or_unrelated(tmp_path):
     kinds = Counter()
     for i in range(12):
         gen = generate_item(cfg, "test", i)
+        assert gen.example.scene.events == ()
+        if gen.item.difficulty.get("absent_audio"):
+            # a presence question over control audio: answerable, "no", as the checker hears it
+            assert gen.item.family == "presence" and gen.example.answer == "no"
+            assert check_answer("presence", gen.example) == "no"
+            assert "control" not in gen.item.difficulty
+            kinds["absent"] += 1
+            continue
         assert gen.item.family == "control"
         assert gen.item.difficulty["of_family"] in DEFAULT_FAMILIES
-        assert gen.example.scene.events == ()
+        assert gen.item.difficulty["of_family"] != "presence"
         kind = gen.item.difficulty["control"]
         kinds[kind] += 1
         if kind == "silence":
             assert np.abs(gen.pcm).max() < 100  # about -50 dBFS peak or below
         else:
             assert gen.example.scene.bed.kind in ("white", "pink", "brown")
-    assert set(kinds) == {"silence", "unrelated"}
+    assert set(kinds) == {"silence", "unrelated", "absent"}
 
 
 @pytest.mark.parametrize(

@@ -254,3 +254,19 @@ def test_summarize_reports_chance_per_family():
     assert report["by_family"]["b"]["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
     assert report["overall"]["chance"] == pytest.approx((0.5 * 3 + 1 / 3) / 4)
     assert 0 < report["by_family"]["a"]["p_above_chance"] < 0.5
+
+
+def test_summarize_reports_control_auroc_by_hand():
+    """With control items among the families, overall gains the AUROC of telling answerable
+    items (max prob 0.9, 0.6, 0.5) from controls (0.7, 0.5): 3 of the 6 pairs above, 1 tie, so
+    (3 + 0.5) / 6."""
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.5, 0.5], [0.7, 0.3], [0.5, 0.5]])
+    fams = np.array(["a", "a", "b", "control", "control"])
+    report = M.summarize(probs, np.array([0, 1, 0, 1, 0]), fams)
+    assert report["overall"]["auroc_control"] == pytest.approx(3.5 / 6)
+    assert (
+        "auroc_control" not in M.summarize(probs, np.zeros(5, int), np.array(["a"] * 5))["overall"]
+    )
+    from training.eval.evaluate import format_table
+
+    assert "auroc_contro" in format_table({"mean": report})

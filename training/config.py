@@ -163,6 +163,10 @@ class FinetuneConfig:
     # Prompts per forward/backward pass: a step of `batch_size` prompts accumulates the gradients
     # of batch_size / micro_batch_size passes (same result up to rounding); None = one pass.
     micro_batch_size: int | None = None
+    # Train control items (family "control": silence, noise or unrelated audio under a question)
+    # towards the uniform distribution over their choices instead of the answer of the item they
+    # were made from, which the audio no longer holds (outlier exposure; docs/sweeps.md).
+    uniform_controls: bool = False
 
     def __post_init__(self) -> None:
         self.base_dir, self.data_dir, self.out_dir = (

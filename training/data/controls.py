@@ -3,7 +3,8 @@
 A control item (family "control", `generate.py`) keeps a family's question and choices but its
 audio holds none of the question's sounds: near-silence ("silence"), a noise bed ("unrelated"),
 or, with real sources, an unrelated recording looped ("unrelated_real"). Any answer is a guess,
-so the right behaviour is to abstain. `abstention_on_controls` measures that for a calibration
+so the right behaviour is to abstain. Presence questions ("is there speech?") are never controls:
+over such audio their answer is "no" (`generate.ABSENT_ANSWERS`), an ordinary item of the family. `abstention_on_controls` measures that for a calibration
 table (the "calibration" entry of a posterior's quaver.json) and the confidences a predictor gave
 the items of one split, in item order:
 

@@ -276,6 +276,9 @@ def split_fingerprint(cfg: BenchmarkConfig, split: str, library: Library | None 
         lib = _need_library(cfg, library)
         blob["library"] = lib.fingerprint
         blob["families"] = list(family_cycle(cfg, split, lib))
+    controls = cfg.control_fraction > 0 or (split in REAL_SPLITS and cfg.test_real_control_fraction > 0)
+    if controls:  # presence questions over control audio became "no" items (absent without)
+        blob["absent_answers"] = dict(sorted(ABSENT_ANSWERS.items()))
     if split == "pretrain" and cfg.pretrain_weights:  # absent when unused: older fingerprints hold
         blob["pretrain_weights"] = dict(sorted(cfg.pretrain_weights.items()))
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -320,6 +323,24 @@ def _control(rng: np.random.Generator, ex: fam.Example, family: str, shift: bool
     scene, mix = SceneBuilder(ex.scene.duration_s, bed).finish(peak)
     params = {"control": kind, "of_family": family}
     return dataclasses.replace(ex, scene=scene, mix=mix, params=params)
+
+
+# Questions that audio without the event still answers: "is there speech / a dog / a beep?" over
+# silence, a noise bed or an unrelated recording is "no", not a guess. Control audio under them
+# makes an answerable item of the family (with `absent_audio` saying which control audio it got),
+# never a control item, whose every answer must be a guess.
+ABSENT_ANSWERS: dict[str, str] = {"presence": "no", "presence_real": "no", "speech_presence": "no"}
+
+
+def _absent(ex: fam.Example, family: str) -> fam.Example:
+    """A presence question over control audio: the answer becomes ABSENT_ANSWERS[family]."""
+    answer = ABSENT_ANSWERS[family]
+    if answer not in ex.choices:
+        raise AssertionError(f"{family}: {answer!r} not among {ex.choices}")
+    params = {k: v for k, v in ex.params.items() if k not in ("control", "of_family")}
+    return dataclasses.replace(
+        ex, answer=answer, params={**params, "absent_audio": ex.params["control"]}
+    )
 
 
 # Control audio for real-source configs, by the family asked about: which recordings may play
@@ -432,7 +453,10 @@ def generate_item(
             ex = _control_real(rng, ex, family, shift, _pool(_need_library(cfg, library), split))
         else:
             ex = _control(rng, ex, family, shift)
-        out_family = "control"
+        if family in ABSENT_ANSWERS:
+            ex = _absent(ex, family)
+        else:
+            out_family = "control"
     perm = rng.permutation(len(ex.choices))
     choices = tuple(ex.choices[i] for i in perm)
     pcm = to_pcm16(ex.mix)

@@ -93,6 +93,8 @@ def check_source_kind(ex: Example, ident: Identifier) -> str:
 
 def check_speech_presence(ex: Example, ident: Identifier) -> str:
     heard = ident.heard(ex)
+    if not heard and not ex.scene.events:
+        return "no"  # silence or a noise bed alone: nothing was meant to be heard
     if not heard:
         raise ValueError("no indexed recording identified in the clip")
     return "yes" if any(_is_speech(r) for r in heard) else "no"

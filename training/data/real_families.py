@@ -511,7 +511,9 @@ def duration_real(rng: np.random.Generator, ctx: Context, pool: Pool) -> Example
     clip = max(TWO_SLOT_CLIP_S, ctx.min_duration_s)
     onsets, total = slot_layout(rng, durs, TWO_SLOT_SPACING_S, ctx, clip)
     b = SceneBuilder(total, ctx.bed)
-    plays = [_event(rec, pool, onsets[i], durs[i], role) for i, role in enumerate(("first", "second"))]
+    plays = [
+        _event(rec, pool, onsets[i], durs[i], role) for i, role in enumerate(("first", "second"))
+    ]
     _equal_level(b, plays, ctx.snr_db)
     scene, mix = b.finish(_peak(rng))
     templates = (

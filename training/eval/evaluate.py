@@ -111,6 +111,10 @@ def calibrate_posterior(
 def format_table(results: dict) -> str:
     """A plain-text table of the headline metrics per predictor."""
     cols = ("accuracy", "ece", "nll", "brier", "auroc", "aurc", "coverage_at_risk_0.05")
+    if any(
+        isinstance(r, dict) and "auroc_control" in r.get("overall", {}) for r in results.values()
+    ):
+        cols += ("auroc_control",)  # the split holds control items
     lines = ["predictor      " + " ".join(f"{c[:12]:>12}" for c in cols)]
     for name, res in results.items():
         if not isinstance(res, dict) or "overall" not in res:

@@ -33,6 +33,7 @@ from scipy.stats import rankdata
 _ROW_SUM_TOL = 1e-3  # float32 softmax rows sum to 1 within this
 _RISK_TOL = 1e-12  # slack when comparing a risk ratio with a target (1/10 vs 0.1)
 NLL_FLOOR = 1e-12  # p_y is clamped to at least this before the log
+CONTROL_FAMILY = "control"  # the family of control items (training.data.controls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +212,15 @@ def auroc(confidence: np.ndarray, correct: np.ndarray) -> float:
     ranks = rankdata(c)  # average ranks: a tie between a correct and a wrong item counts 1/2
     u = ranks[a].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def control_auroc(confidence: np.ndarray, control: np.ndarray) -> float:
+    """AUROC of telling answerable items (higher score) from control items (audio that holds no
+    answer: training.data.controls); nan without both kinds."""
+    answerable = ~np.asarray(control, dtype=bool)
+    if answerable.all() or not answerable.any():
+        return float("nan")
+    return auroc(confidence, answerable)
 
 
 def _tie_groups(c: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -463,8 +473,9 @@ def summarize(
     e_aurc, coverage_at_risk_<r> for r in risks, risk_at_coverage_<c> for c in coverages and,
     with sample_probs (n, K, C): samples, mean_mutual_information, mean_agreement,
     auroc_mutual_information, auroc_agreement, auroc_risk_averse, aurc_risk_averse; with
-    n_choices also chance, z and p_above_chance (`above_chance`). Confidence is max(probs);
-    `probs` is normally the BMA of `sample_probs`. Undefined values
+    n_choices also chance, z and p_above_chance (`above_chance`); with families that include
+    control items (family "control"), auroc_control (`control_auroc` of the max probability).
+    Confidence is max(probs); `probs` is normally the BMA of `sample_probs`. Undefined values
     (AUROC with all items correct or all wrong) are None.
     """
     p = _check_probs(probs, n_choices)
@@ -498,4 +509,7 @@ def summarize(
             if n_choices is not None:
                 test = above_chance(right[m], k[m])
                 report["by_family"][name] |= {k_: _json_float(v) for k_, v in test.items()}
+        if (fam == CONTROL_FAMILY).any():  # max probability against the control items
+            ctrl = fam == CONTROL_FAMILY
+            report["overall"]["auroc_control"] = _json_float(control_auroc(p.max(-1), ctrl))
     return report

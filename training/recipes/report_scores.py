@@ -32,6 +32,7 @@ from training.eval.metrics import (
     aurc,
     auroc,
     confidence,
+    control_auroc,
     correctness,
     coverage_at_risk,
     reliability_bins,
@@ -193,14 +194,6 @@ def summarize_scored(s: Scored, lam: float) -> dict:
 
 def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
-
-
-def control_auroc(conf: np.ndarray, control: np.ndarray) -> float:
-    """AUROC of telling answerable items (higher score) from control items; nan without both."""
-    answerable = ~np.asarray(control, dtype=bool)
-    if answerable.all() or not answerable.any():
-        return float("nan")
-    return auroc(conf, answerable)
 
 
 def selective_metrics(

@@ -26,6 +26,11 @@ class Example:
     label: int  # letter position of the answer in the prompt (0 = A), not item.answer_index
     item: Item
 
+    @property
+    def is_control(self) -> bool:
+        """A control item: its audio holds no answer to its question (training.data.controls)."""
+        return self.item.family == "control"
+
 
 def prepare_split(
     loaded: LoadedModel, data_dir: Path, split: str, limit: int | None = None, progress: bool = True
@@ -51,6 +56,23 @@ def make_batch(examples: list[Example], pad_id: int) -> tuple[PromptBatch, torch
         [e.prepared.prompt for e in examples], [e.prepared.audio for e in examples], pad_id
     )
     return batch, torch.tensor([e.label for e in examples], dtype=torch.long)
+
+
+def answer_loss(
+    lp: torch.Tensor, labels: torch.Tensor, n_choices: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """Mean training loss of a batch of answers.
+
+    lp: (B, L) log-probabilities over the letters, -inf past each row's n_choices (B,);
+    labels: (B,) the answer's letter; uniform: (B,) bool, rows trained towards the uniform
+    distribution over their offered letters instead of their label. A uniform row's loss is the
+    cross-entropy to uniform, -mean over offered j of lp[j] (log n_choices at its minimum); the
+    others' is the NLL of the label.
+    """
+    nll = -lp.gather(1, labels[:, None])[:, 0]  # (B,)
+    offered = torch.arange(lp.shape[1], device=lp.device)[None, :] < n_choices[:, None]
+    to_uniform = -lp.masked_fill(~offered, 0.0).sum(1) / n_choices.to(lp.dtype)  # (B,)
+    return torch.where(uniform, to_uniform, nll).mean()
 
 
 def length_batches(lengths: list[float], batch_size: int) -> list[list[int]]:

@@ -34,7 +34,7 @@ from app.modeling import LoadedModel, load_checkpoint
 from app.posterior import LoRASpec, Posterior, PosteriorError, load_posterior, save_posterior
 from training.config import FinetuneConfig, to_dict
 from training.ivon import IVON
-from training.stages.batches import Example, epoch_order, prepare_split
+from training.stages.batches import Example, answer_loss, epoch_order, prepare_split
 from training.stages.distributed import (
     DistInfo,
     all_reduce_grads,
@@ -210,8 +210,15 @@ class _LoRASteps(Steps):
                             self.model, self.cache, self.train, part, self.split,
                             self.letter_ids, self.family,
                         ).float()  # fmt: skip
-                    labels = torch.tensor([self.train[i].label for i in part], device=lp.device)
-                    loss = torch.nn.functional.nll_loss(lp, labels)
+                    rows = [self.train[i] for i in part]
+                    labels = torch.tensor([e.label for e in rows], device=lp.device)
+                    n_choices = torch.tensor(
+                        [e.prepared.prompt.n_choices for e in rows], device=lp.device
+                    )
+                    uniform = torch.tensor(
+                        [cfg.uniform_controls and e.is_control for e in rows], device=lp.device
+                    )
+                    loss = answer_loss(lp, labels, n_choices, uniform)
                     (loss if weight == 1.0 else loss * weight).backward()
                     loss_sum += loss.item() * weight
                     hits += int((lp.argmax(-1) == labels).sum())

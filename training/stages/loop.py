@@ -53,7 +53,7 @@ RESULT_NEUTRAL = (
 )
 # Result-changing settings added later, with the value every earlier run had: a run recorded
 # without the key counts as having it, so its output is still reused and its state resumed.
-ADDED_DEFAULTS = {"dtype": "float32", "autocast": False}
+ADDED_DEFAULTS = {"dtype": "float32", "autocast": False, "uniform_controls": False}
 # A setting a run may grow and continue from its saved state.
 GROWABLE = "epochs"
 
