@@ -13,6 +13,9 @@ letter) on `--train` and reports its accuracy on `--eval`:
   last   the state of the last prompt token, where the answer letter is predicted, (d,)
 Accuracy well above chance says the information is present and linearly readable at that
 layer, so a failure to answer is the read-out's (which letter carries it), not the hearing's.
+Where the benchmark has control items, one more probe per feature tells them from answerable
+items (all families together): its AUROC on `--eval` ("controls"), the ceiling for a score that
+reads "this audio holds no answer" off these states.
 Features are standardised with the train split's statistics. Prints one JSON document.
 """
 
@@ -56,8 +59,9 @@ def features(loaded, model_dir: Path, data: Path, cache: Path, split: str, layer
     return np.stack(xa), np.stack(xl), np.array(y), np.array(fam)
 
 
-def fit_and_score(x_tr, y_tr, x_ev, y_ev, l2: float) -> float:
-    """Accuracy on (x_ev, y_ev) of an L2 multinomial logistic regression fitted on train."""
+def fit_probe(x_tr, y_tr, x_ev, l2: float) -> tuple[list, np.ndarray]:
+    """(classes, (n_ev, classes) probabilities) of an L2 multinomial logistic regression fitted
+    on (x_tr, y_tr) and applied to x_ev."""
     classes = sorted(set(y_tr))
     index = {c: i for i, c in enumerate(classes)}
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
@@ -74,8 +78,24 @@ def fit_and_score(x_tr, y_tr, x_ev, y_ev, l2: float) -> float:
 
     opt.step(closure)
     with torch.no_grad():
-        pred = lin(torch.tensor((x_ev - mu) / sd, dtype=torch.float32)).argmax(1).numpy()
-    return float((np.array(classes)[pred] == y_ev).mean())
+        probs = lin(torch.tensor((x_ev - mu) / sd, dtype=torch.float32)).softmax(1).numpy()
+    return classes, probs
+
+
+def fit_and_score(x_tr, y_tr, x_ev, y_ev, l2: float) -> float:
+    """Accuracy on (x_ev, y_ev) of an L2 multinomial logistic regression fitted on train."""
+    classes, probs = fit_probe(x_tr, y_tr, x_ev, l2)
+    return float((np.array(classes)[probs.argmax(1)] == y_ev).mean())
+
+
+def control_auroc_of_probe(x_tr, control_tr, x_ev, control_ev, l2: float) -> float:
+    """AUROC on the eval split of a probe fitted to tell control items (audio that holds no
+    answer) from answerable ones: how well the states themselves separate them."""
+    from training.eval.metrics import control_auroc
+
+    label = np.where(control_tr, "control", "answerable")
+    classes, probs = fit_probe(x_tr, label, x_ev, l2)
+    return control_auroc(probs[:, classes.index("answerable")], control_ev)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -111,12 +131,22 @@ def main(argv: list[str] | None = None) -> dict:
             "audio": fit_and_score(tr[0][m], tr[2][m], ev[0][me], ev[2][me], args.l2),
             "last": fit_and_score(tr[1][m], tr[2][m], ev[1][me], ev[2][me], args.l2),
         }
+    ctrl_tr, ctrl_ev = tr[3] == "control", ev[3] == "control"
+    controls = None
+    if ctrl_tr.any() and ctrl_ev.any():  # the benchmark has control items
+        controls = {
+            "n_train": int(ctrl_tr.sum()),
+            "n_eval": int(ctrl_ev.sum()),
+            "audio_auroc": control_auroc_of_probe(tr[0], ctrl_tr, ev[0], ctrl_ev, args.l2),
+            "last_auroc": control_auroc_of_probe(tr[1], ctrl_tr, ev[1], ctrl_ev, args.l2),
+        }
     out = {
         "model": str(args.model),
         "layer": args.layer,
         "train": args.train,
         "eval": args.eval,
         "families": families,
+        "controls": controls,
     }
     text = json.dumps(out, indent=2)
     print(text)
