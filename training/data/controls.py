@@ -4,9 +4,10 @@ A control item (family "control", `generate.py`) keeps a family's question and c
 audio holds none of the question's sounds: near-silence ("silence"), a noise bed ("unrelated"),
 or, with real sources, an unrelated recording looped ("unrelated_real"). Any answer is a guess,
 so the right behaviour is to abstain. Presence questions ("is there speech?") are never controls:
-over such audio their answer is "no" (`generate.ABSENT_ANSWERS`), an ordinary item of the family. `abstention_on_controls` measures that for a calibration
-table (the "calibration" entry of a posterior's quaver.json) and the confidences a predictor gave
-the items of one split, in item order:
+over such audio their answer is "no" (`generate.ABSENT_ANSWERS`), an ordinary item of the
+family. `abstention_on_controls` measures abstention for a calibration table (the "calibration"
+entry of a posterior's quaver.json) and the confidences a predictor gave the items of one split,
+in item order:
 
     from training.data.controls import abstention_on_controls
     report = abstention_on_controls(items, confidence, meta["calibration"])
@@ -21,12 +22,13 @@ import numpy as np
 
 from training.data.manifest import Item
 
+CONTROL_FAMILY = "control"  # the `family` of every control item
 CONTROL_KINDS = ("silence", "unrelated", "unrelated_real")
 
 
 def control_mask(items: Sequence[Item]) -> np.ndarray:
     """(n,) bool: which items are controls."""
-    return np.array([it.family == "control" for it in items], dtype=bool)
+    return np.array([it.family == CONTROL_FAMILY for it in items], dtype=bool)
 
 
 def thresholds_of(calibration: Mapping) -> dict[str, float]:

@@ -46,6 +46,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from training.data import families as fam
+from training.data.controls import CONTROL_FAMILY
 from training.data.families import NUMBER_WORDS
 from training.data.manifest import SAMPLE_RATE, Item, manifest_path, read_manifest, write_manifest
 from training.data.scene import Bed, SceneBuilder
@@ -276,8 +277,9 @@ def split_fingerprint(cfg: BenchmarkConfig, split: str, library: Library | None 
         lib = _need_library(cfg, library)
         blob["library"] = lib.fingerprint
         blob["families"] = list(family_cycle(cfg, split, lib))
-    controls = cfg.control_fraction > 0 or (split in REAL_SPLITS and cfg.test_real_control_fraction > 0)
-    if controls:  # presence questions over control audio became "no" items (absent without)
+    real_controls = split in REAL_SPLITS and cfg.test_real_control_fraction > 0
+    if cfg.control_fraction > 0 or real_controls:  # presence questions over control audio are
+        # "no" items (ABSENT_ANSWERS); absent without controls, so those fingerprints hold
         blob["absent_answers"] = dict(sorted(ABSENT_ANSWERS.items()))
     if split == "pretrain" and cfg.pretrain_weights:  # absent when unused: older fingerprints hold
         blob["pretrain_weights"] = dict(sorted(cfg.pretrain_weights.items()))
@@ -456,7 +458,7 @@ def generate_item(
         if family in ABSENT_ANSWERS:
             ex = _absent(ex, family)
         else:
-            out_family = "control"
+            out_family = CONTROL_FAMILY
     perm = rng.permutation(len(ex.choices))
     choices = tuple(ex.choices[i] for i in perm)
     pcm = to_pcm16(ex.mix)

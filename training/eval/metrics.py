@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
+from training.data.controls import CONTROL_FAMILY
+
 _ROW_SUM_TOL = 1e-3  # float32 softmax rows sum to 1 within this
 _RISK_TOL = 1e-12  # slack when comparing a risk ratio with a target (1/10 vs 0.1)
 NLL_FLOOR = 1e-12  # p_y is clamped to at least this before the log
-CONTROL_FAMILY = "control"  # the family of control items (training.data.controls)
 
 
 # ---------------------------------------------------------------------------------------------

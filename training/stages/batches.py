@@ -17,6 +17,7 @@ from tqdm import tqdm
 from app.forward import PromptBatch, collate
 from app.modeling import LoadedModel
 from app.predict import Prepared
+from training.data.controls import CONTROL_FAMILY
 from training.data.manifest import Item, load_audio_file, read_manifest
 
 
@@ -29,7 +30,7 @@ class Example:
     @property
     def is_control(self) -> bool:
         """A control item: its audio holds no answer to its question (training.data.controls)."""
-        return self.item.family == "control"
+        return self.item.family == CONTROL_FAMILY
 
 
 def prepare_split(
