@@ -43,9 +43,9 @@ def test_answer_loss_by_hand():
 
     lp = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.5, 0.25, 0.25, 0.0], [0.9, 0.1, 0, 0]]))
     labels = torch.tensor([0, 2, 1])
-    n_choices = torch.tensor([3, 3, 2])
+    # rows offer 3, 3 and 2 letters: log 0 = -inf marks the letters past them
     none = torch.tensor([False, False, False])
-    assert answer_loss(lp, labels, n_choices, none).item() == pytest.approx(
+    assert answer_loss(lp, labels, none).item() == pytest.approx(
         -(math.log(0.7) + math.log(0.25) + math.log(0.1)) / 3, rel=1e-6
     )
     # Row 1 and row 2 as controls: -(log .5 + log .25 + log .25) / 3 and -(log .9 + log .1) / 2.
@@ -55,14 +55,14 @@ def test_answer_loss_by_hand():
         - (math.log(0.5) + 2 * math.log(0.25)) / 3
         - (math.log(0.9) + math.log(0.1)) / 2
     ) / 3
-    loss = answer_loss(lp, labels, n_choices, ctrl)
+    loss = answer_loss(lp, labels, ctrl)
     assert loss.item() == pytest.approx(by_hand, rel=1e-6)
     # At the uniform distribution a control row's loss is log n, its minimum, and the gradient
     # through the -inf letters stays finite.
     logits = torch.zeros(1, 4, requires_grad=True)
     lp_u = logits.masked_fill(torch.tensor([[False, False, True, True]]), float("-inf"))
     lp_u = lp_u.log_softmax(-1)
-    loss_u = answer_loss(lp_u, torch.tensor([0]), torch.tensor([2]), torch.tensor([True]))
+    loss_u = answer_loss(lp_u, torch.tensor([0]), torch.tensor([True]))
     loss_u.backward()
     assert loss_u.item() == pytest.approx(math.log(2))
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().max() < 1e-6

@@ -59,20 +59,18 @@ def make_batch(examples: list[Example], pad_id: int) -> tuple[PromptBatch, torch
     return batch, torch.tensor([e.label for e in examples], dtype=torch.long)
 
 
-def answer_loss(
-    lp: torch.Tensor, labels: torch.Tensor, n_choices: torch.Tensor, uniform: torch.Tensor
-) -> torch.Tensor:
+def answer_loss(lp: torch.Tensor, labels: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Mean training loss of a batch of answers.
 
-    lp: (B, L) log-probabilities over the letters, -inf past each row's n_choices (B,);
-    labels: (B,) the answer's letter; uniform: (B,) bool, rows trained towards the uniform
-    distribution over their offered letters instead of their label. A uniform row's loss is the
-    cross-entropy to uniform, -mean over offered j of lp[j] (log n_choices at its minimum); the
-    others' is the NLL of the label.
+    lp: (B, L) log-probabilities over the letters, -inf past each row's offered letters (as
+    app.forward.choice_log_probs gives them); labels: (B,) the answer's letter; uniform: (B,)
+    bool, rows trained towards the uniform distribution over their offered letters instead of
+    their label. A uniform row's loss is the cross-entropy to uniform, -mean over offered j of
+    lp[j] (log n_choices at its minimum); the others' is the NLL of the label.
     """
     nll = -lp.gather(1, labels[:, None])[:, 0]  # (B,)
-    offered = torch.arange(lp.shape[1], device=lp.device)[None, :] < n_choices[:, None]
-    to_uniform = -lp.masked_fill(~offered, 0.0).sum(1) / n_choices.to(lp.dtype)  # (B,)
+    offered = torch.isfinite(lp)  # (B, L): the letters a row offers
+    to_uniform = -lp.masked_fill(~offered, 0.0).sum(1) / offered.sum(1)  # (B,)
     return torch.where(uniform, to_uniform, nll).mean()
 
 

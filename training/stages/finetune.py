@@ -212,13 +212,10 @@ class _LoRASteps(Steps):
                         ).float()  # fmt: skip
                     rows = [self.train[i] for i in part]
                     labels = torch.tensor([e.label for e in rows], device=lp.device)
-                    n_choices = torch.tensor(
-                        [e.prepared.prompt.n_choices for e in rows], device=lp.device
-                    )
                     uniform = torch.tensor(
                         [cfg.uniform_controls and e.is_control for e in rows], device=lp.device
                     )
-                    loss = answer_loss(lp, labels, n_choices, uniform)
+                    loss = answer_loss(lp, labels, uniform)
                     (loss if weight == 1.0 else loss * weight).backward()
                     loss_sum += loss.item() * weight
                     hits += int((lp.argmax(-1) == labels).sum())
