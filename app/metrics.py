@@ -30,6 +30,12 @@ class Metrics:
             buckets=MI_BUCKETS,
             registry=r,
         )
+        self.no_answer = Histogram(
+            "quaver_no_answer_probability",
+            "control probe's probability that the audio holds no answer (posteriors with a probe)",
+            buckets=PROB_BUCKETS,
+            registry=r,
+        )
         self.request_duration = Histogram(
             "quaver_request_duration_seconds",
             "request latency",

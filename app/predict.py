@@ -12,8 +12,11 @@ first LoRA layer run once per request (R rows), the layers above at sum(K_i) row
 
 With `Predictor(..., decision=Decision(...))` (the server passes the posterior's own, see
 `app.scores`), `probs` are the decision's (temperature-scaled when it says so) and `confidence`
-is its score ("maxprob", "risk_averse" or "mutual_information"), named in `Prediction.score`.
-Without one, confidence is the max BMA probability, as always.
+is its score ("maxprob", "risk_averse", "mutual_information" or "answerable"), named in
+`Prediction.score`. Without one, confidence is the max BMA probability, as always.
+With a control probe (`app.control`, stored beside the posterior), every prediction also carries
+`p_control`, the probability that the audio holds no answer, read off the prefix states once per
+request (before the K-row suffix), which the "answerable" score uses.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from app.audio import AudioFeatures
+from app.control import ControlProbe, load_control_probe
 from app.forward import (
     PromptBatch,
     StopCheck,
@@ -42,7 +46,7 @@ from app.lora import (
     detach_posterior,
 )
 from app.modeling import LoadedModel
-from app.posterior import Posterior
+from app.posterior import Posterior, PosteriorError
 from app.prompt import PromptIds
 from app.scores import Decision
 
@@ -73,26 +77,31 @@ class Prediction:
     mutual_information: float  # H(mean_k p_k) - mean_k H(sample_probs[k]), nats
     agreement: float  # fraction of samples whose argmax equals answer_index
     score: str = "maxprob"  # what `confidence` is (app.scores.SCORES)
+    p_control: float | None = None  # the control probe's P(no answer in the audio); None: none
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
     return -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(-1)
 
 
-def summarize(sample_probs: np.ndarray, decision: Decision | None = None) -> Prediction:
+def summarize(
+    sample_probs: np.ndarray, decision: Decision | None = None, p_control: float | None = None
+) -> Prediction:
     """BMA summary of (K, C) per-sample probabilities; with a `decision`, its probabilities
-    (temperature-scaled when it has a temperature) and its score as the confidence."""
+    (temperature-scaled when it has a temperature) and its score as the confidence.
+    `p_control`: the request's control-probe probability (kept; the "answerable" score uses it)."""
     probs = sample_probs.mean(0)
     answer = int(probs.argmax())
     mi = max(0.0, float(_entropy(probs)) - float(_entropy(sample_probs).mean()))
     agree = float((sample_probs.argmax(-1) == answer).mean())
     if decision is None:
         h = float(_entropy(probs))
-        return Prediction(probs, sample_probs, answer, float(probs[answer]), h, mi, agree)
-    shown, conf = decision.apply(sample_probs)  # temperature keeps the argmax
+        conf = float(probs[answer])
+        return Prediction(probs, sample_probs, answer, conf, h, mi, agree, p_control=p_control)
+    shown, conf = decision.apply(sample_probs, p_control)  # temperature keeps the argmax
     shown = shown.astype(np.float32)
     h = float(_entropy(shown))
-    return Prediction(shown, sample_probs, answer, conf, h, mi, agree, decision.score)
+    return Prediction(shown, sample_probs, answer, conf, h, mi, agree, decision.score, p_control)
 
 
 class Predictor:
@@ -103,10 +112,12 @@ class Predictor:
         loaded: LoadedModel,
         posterior: Posterior | None = None,
         decision: Decision | None = None,
+        control_probe: ControlProbe | None = None,
     ) -> None:
         self.loaded = loaded
         self.posterior = posterior
         self.decision = decision  # None: confidence = max BMA probability (evaluation's arrays)
+        self.control_probe = control_probe  # None: no p_control (and no "answerable" score)
         model = loaded.model
         self.split = loaded.num_layers
         self.sampler = None
@@ -115,6 +126,13 @@ class Predictor:
             self.split = posterior.spec.first_layer
             dtype = next(model.parameters()).dtype
             self.sampler = PosteriorSampler(posterior, loaded.device, dtype)
+        if decision is not None and decision.needs_probe and control_probe is None:
+            raise PosteriorError(f"the served score {decision.score!r} needs a control probe")
+        if control_probe is not None and control_probe.layer != self.split:
+            raise PosteriorError(
+                f"the control probe reads layer {control_probe.layer}, the prefix ends at "
+                f"layer {self.split}"
+            )
         self.letter_ids = loaded.letter_ids
         self.pad_id = loaded.tokenizer.pad_token_id or 0
 
@@ -140,9 +158,16 @@ class Predictor:
         loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
         posterior = load_posterior(posterior_dir, expected_base=loaded.identity, model=loaded.model)
         apply_overlay(posterior_dir, loaded)
+        probe = load_control_probe(
+            posterior_dir,
+            posterior.meta,
+            first_layer=posterior.spec.first_layer,
+            hidden_size=loaded.family.language_model(loaded.model).embed_tokens.embedding_dim,
+        )
         # no "decision" stored: exactly the plain max-probability rule (decision None)
         serve = use_decision and "decision" in posterior.meta
-        return cls(loaded, posterior, Decision.from_meta(posterior.meta) if serve else None)
+        decision = Decision.from_meta(posterior.meta) if serve else None
+        return cls(loaded, posterior, decision, probe)
 
     @property
     def calibration(self) -> dict | None:
@@ -217,6 +242,10 @@ class Predictor:
         if prefix is None:
             prefix = self.prefix([r.prepared for r in requests], should_stop)
         h, batch = prefix
+        p_control = [None] * len(requests)
+        if self.control_probe is not None:  # (R,) from the R prefix rows, before the K repeat
+            audio = batch.ids == self.loaded.family.audio_token_id(self.loaded.model)
+            p_control = self.control_probe.p_control(h, audio).cpu().tolist()
         ks = [r.samples if self.sampler is not None else 1 for r in requests]
         repeats = torch.tensor(ks, device=device)
         h = h.repeat_interleave(repeats, dim=0)  # (sum K, T, d)
@@ -235,11 +264,11 @@ class Predictor:
             )
         probs = choice_log_probs(logits, n_choices).exp().float().cpu().numpy()
         out, start = [], 0
-        for req, k in zip(requests, ks, strict=True):
+        for req, k, pc in zip(requests, ks, p_control, strict=True):
             c = len(req.prepared.choices)
             # letters -> the user's order of the choices (app.prompt: canonical lettering)
             user = req.prepared.prompt.to_user_order(probs[start : start + k, :c])
-            out.append(summarize(user, self.decision))
+            out.append(summarize(user, self.decision, pc))
             start += k
         return out
 

@@ -67,6 +67,12 @@ class Uncertainty(BaseModel):
     entropy: float = Field(description="entropy of the averaged probabilities (nats)")
     mutual_information: float = Field(description="epistemic part: H(mean p) - mean H(p_k)")
     agreement: float = Field(description="fraction of samples agreeing with the answer")
+    no_answer: float | None = Field(
+        default=None,
+        description="the control probe's probability that the audio holds no answer (silence, "
+        "noise, unrelated sound), read off the model's hidden states; null when the posterior "
+        "has no probe",
+    )
 
 
 class ModelIds(BaseModel):
@@ -97,7 +103,8 @@ class AnswerResponse(BaseModel):
     score: str = Field(
         description="which score `confidence` is and the abstention compares with `threshold`: "
         "maxprob (max averaged probability), risk_averse (mean - lambda x std of the chosen "
-        "option over samples) or mutual_information (minus the samples' mutual information)"
+        "option over samples), mutual_information (minus the samples' mutual information) or "
+        "answerable (maxprob x (1 - uncertainty.no_answer))"
     )
     model: ModelIds
     timing_ms: Timing
@@ -533,6 +540,8 @@ def create_app(
         ).inc()
         state.metrics.confidence.observe(pred.confidence)
         state.metrics.mutual_information.observe(pred.mutual_information)
+        if pred.p_control is not None:
+            state.metrics.no_answer.observe(pred.p_control)
         p = engine.predictor
         return AnswerResponse(
             answer=opts[pred.answer_index],
@@ -547,6 +556,7 @@ def create_app(
                 entropy=pred.entropy,
                 mutual_information=pred.mutual_information,
                 agreement=pred.agreement,
+                no_answer=pred.p_control,
             ),
             samples=out.samples_used,
             score=pred.score,

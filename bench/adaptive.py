@@ -15,6 +15,12 @@ threshold. This script measures, side by side in one run:
              engine runs: the audio tower and the layers below the LoRA layers are not run
              again); the adaptive average is (t1 + redo_rate * t_redo) / t1, and the full
              re-run's (t1 + redo_rate * tK) / t1 is printed beside it.
+When the posterior stores a served "decision" (app.scores: `quaver report --write-decision`),
+the decisions use its score and its threshold table, as the server does: the mean pass's score
+from the posterior mean's probabilities, always-K's from the K samples, and for the
+"answerable" score the control probe's P(control) of each item (the same in both passes, read off
+the prefix states; `--prefix-cache` reuses the states evaluation cached). `--plain` keeps the
+max-probability rule and the posterior's own table. The timed passes are the served ones.
 Prints one JSON document (and writes it with --out).
 """
 
@@ -32,21 +38,34 @@ import torch
 
 from app.posterior import load_posterior
 from app.predict import Predictor, Request
+from app.scores import Decision, score_values
 from app.thresholds import threshold_for
 from training.data.manifest import load_audio_file, read_manifest
+from training.eval.control_probe import posterior_p_control
 from training.eval.predictions import predict_split
 
 
-def decisions(probs: np.ndarray, thr: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(answer, abstain, confidence) per row of (n, C) probabilities."""
-    conf = probs.max(-1)
+def decisions(
+    probs: np.ndarray, thr: float, conf: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(answer, abstain, confidence) per row of (n, C) probabilities (`conf`: the served score
+    of each row; None: the max probability)."""
+    conf = probs.max(-1) if conf is None else conf
     return probs.argmax(-1), conf < thr, conf
 
 
-def agreement_table(mean: np.ndarray, bma: np.ndarray, thr: float, margins: list[float]) -> list:
-    """Per margin: share of items redone with K samples and decision agreement with always-K."""
-    a_k, s_k, _ = decisions(bma, thr)
-    a_m, s_m, c_m = decisions(mean, thr)
+def agreement_table(
+    mean: np.ndarray,
+    bma: np.ndarray,
+    thr: float,
+    margins: list[float],
+    conf_mean: np.ndarray | None = None,
+    conf_k: np.ndarray | None = None,
+) -> list:
+    """Per margin: share of items redone with K samples and decision agreement with always-K
+    (`conf_mean`, `conf_k`: the served score of the two passes; None: max probability)."""
+    a_k, s_k, _ = decisions(bma, thr, conf_k)
+    a_m, s_m, c_m = decisions(mean, thr, conf_mean)
     rows = []
     for margin in margins:
         redo = np.abs(c_m - thr) <= margin if math.isfinite(thr) else np.zeros(len(c_m), bool)
@@ -98,30 +117,53 @@ def main() -> None:
     ap.add_argument("--time-items", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prefix-cache", default=None, help="cached prefix states (P(control))")
+    ap.add_argument("--plain", action="store_true", help="max probability, not the decision")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     margins = [float(x) for x in a.margins.split(",")]
+    cache = None if a.prefix_cache is None else Path(a.prefix_cache)
     preds = predict_split(
-        Path(a.model), Path(a.posterior), Path(a.data), a.split, samples=a.samples, progress=True
+        Path(a.model),
+        Path(a.posterior),
+        Path(a.data),
+        a.split,
+        samples=a.samples,
+        progress=True,
+        prefix_cache=cache,
     )
-    calibration = load_posterior(a.posterior).calibration
+    meta = load_posterior(a.posterior).meta
+    served = not a.plain and "decision" in meta
+    decision = Decision.from_meta(meta) if served else None
+    calibration = (decision and decision.calibration) or meta.get("calibration")
+    mean, bma = preds.mean_probs, preds.bma(a.samples)
+    conf_mean = conf_k = None
+    if decision is not None:
+        pc = None
+        if decision.needs_probe:
+            split = (a.split,)
+            pc = posterior_p_control(Path(a.model), Path(a.posterior), Path(a.data), split, cache)
+            pc = pc[a.split]
+        args = (decision.score, decision.temperature, decision.risk_lambda, pc)
+        conf_mean = score_values(mean[:, None, :], *args, decision.control_power)
+        conf_k = score_values(preds.sample_probs[:, : a.samples], *args, decision.control_power)
     table = {}
     for risk in (float(x) for x in a.risks.split(",")):
         thr = threshold_for(calibration, risk)
         table[str(risk)] = {
             "threshold": thr.value if math.isfinite(thr.value) else None,
-            "rows": agreement_table(preds.mean_probs, preds.bma(a.samples), thr.value, margins),
+            "rows": agreement_table(mean, bma, thr.value, margins, conf_mean, conf_k),
         }
 
     for value in (float(x) for x in a.fixed_thresholds.split(",") if x.strip()):
         # a fixed threshold: shows the rule's behaviour where the calibrated table has none
         table[f"threshold={value:g}"] = {
             "threshold": value,
-            "rows": agreement_table(preds.mean_probs, preds.bma(a.samples), value, margins),
+            "rows": agreement_table(mean, bma, value, margins, conf_mean, conf_k),
         }
 
-    predictor = Predictor.from_dirs(a.model, a.posterior)
+    predictor = Predictor.from_dirs(a.model, a.posterior, use_decision=served)
     items = read_manifest(Path(a.data), a.split)[: a.time_items]
     clips = [
         predictor.prepare(load_audio_file(Path(a.data), it), it.question, list(it.choices))
@@ -140,6 +182,7 @@ def main() -> None:
         "split": a.split,
         "n": len(preds.labels),
         "samples": a.samples,
+        "score": "maxprob" if decision is None else decision.score,
         "timed_items": len(clips),
         "threads": a.threads,
         **timing,

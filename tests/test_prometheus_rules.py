@@ -33,6 +33,7 @@ CONTRACT: dict[str, tuple[str, set[str]]] = {
     "quaver_answers": ("counter", {"outcome", "max_risk"}),
     "quaver_confidence": ("histogram", set()),
     "quaver_mutual_information": ("histogram", set()),
+    "quaver_no_answer_probability": ("histogram", set()),
     "quaver_request_duration_seconds": ("histogram", {"route"}),
     "quaver_inference_duration_seconds": ("histogram", set()),
     "quaver_queue_wait_seconds": ("histogram", set()),

@@ -343,10 +343,19 @@ def test_report_on_real_mix_covers_test_real_and_controls(real_report):
     assert "### test_real" in md and "controls (the control items of every split)" in md
     hist = [p for p in res["plots"] if p.startswith("results/controls_")]
     assert hist and all((docs / p).read_bytes().startswith(b"\x89PNG") for p in hist)
-    # only the served score decides the abstention of the written posteriors
+    # the control probe, fitted on pretrain's controls, gates every predictor's answerable score
+    probe = res["control_probe"]
+    assert probe["fitted"] and probe["fitted_on"] == "pretrain" and probe["n_control"] > 0
+    assert {"AdamW + TS | answerable", "IVON BMA + TS | answerable"} <= set(ctl)
+    assert "answerable = max probability x (1 - P(control))" in md
+    # only the served score decides the abstention of the written posteriors, which carry the
+    # probe the server loads
     for s in ("0", "1"):
-        meta = json.loads((Path(res["runs"]["ivon"][s]) / "quaver.json").read_text())
+        post = Path(res["runs"]["ivon"][s])
+        meta = json.loads((post / "quaver.json").read_text())
         assert Decision.from_meta(meta).score == res["decision"][s]["score"]
+        assert (post / meta["control_probe"]["file"]).exists()
+        assert meta["control_probe"]["layer"] == probe["layer"]
 
 
 def test_large_k_drawn_on_named_splits_only(real_report):

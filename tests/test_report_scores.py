@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from app.scores import Decision
-from training.eval.decision import choose_lambda, choose_served, write_decision
+from training.eval.decision import choose_lambda, choose_power, choose_served, write_decision
 from training.eval.metrics import aurc, auroc, mutual_information
 from training.eval.predictions import SplitPredictions
 from training.eval.temperature import apply_temperature, fit_temperature
@@ -238,3 +238,51 @@ def test_write_decision_round_trips_through_the_server_reader(tmp_path):
     assert (d.score, d.temperature, d.calibration) == ("maxprob", 1.7, table)
     with pytest.raises(ValueError):
         write_decision(tmp_path, {"score": "entropy"}, table)
+
+
+def test_answerable_score_with_the_control_probe(synthetic):
+    """With a P(control) per split, every predictor gets the answerable score; its power is the
+    calib AURC minimiser (checked by hand), the served candidates include it, and the served
+    choice is compared with AdamW + TS gated by the same probe."""
+    cfg, preds, *_ = synthetic
+    rng = np.random.default_rng(1)
+    p_control = {}
+    for sp in ("calib", *SPLITS):
+        ctl = preds[("ivon", 0, sp)].families == "control"  # the same items for every seed
+        p_control[sp] = np.clip(np.where(ctl, 0.7, 0.1) + rng.normal(0, 0.1, len(ctl)), 0, 1)
+    per_seed, _, thr, pooled = score_seeds(cfg, preds, SPLITS, p_control)
+    one = per_seed["0"]
+    assert one["control_probe"] and set(one["control_power"]) == set(predictor_names(cfg))
+    # the power of IVON BMA + TS by hand on calib
+    cal = preds[("ivon", 0, "calib")]
+    t = one["temperature"][BMA_TS]
+    probs = apply_temperature(cal.bma(8), t, cal.n_choices)
+    ok = probs.argmax(-1) == cal.labels
+    power, by = choose_power(probs.max(-1), p_control["calib"], ok, cfg.control_powers)
+    assert one["control_power"][BMA_TS] == power and by[f"{power:g}"] == min(by.values())
+    # its control AUROC on test, by hand
+    test = preds[("ivon", 0, "test")]
+    tp = apply_temperature(test.bma(8), t, test.n_choices).max(-1)
+    want = auroc(tp * (1 - p_control["test"]) ** power, test.families != "control")
+    got = one["test"]["scores"][key(BMA_TS, "answerable")]
+    assert got["auroc_control"] == pytest.approx(want) and want > 0.9
+    assert key("AdamW + TS", "answerable") in one["test"]["scores"]
+    cands = {(c["predictor"], c["score"]) for c in one["decision"]["candidates"]}
+    assert {(BMA_TS, "answerable"), ("IVON BMA K=8", "answerable")} <= cands
+    boot = bootstrap_differences(cfg, pooled, probe=True)
+    assert f"served - {key('AdamW + TS', 'answerable')}" in boot["controls"]
+    assert key(BMA_TS, "answerable") in thr["1"]
+    summary = summarize_seeds(cfg, per_seed, thr, SPLITS)
+    assert key("AdamW", "answerable") in summary["aggregate_scores"][CONTROLS]
+
+
+def test_choose_power_by_hand():
+    maxprob = np.array([0.9, 0.8, 0.7, 0.3])
+    correct = np.array([False, True, True, True])
+    # item 0 is wrong but confident; only its P(control) can rank it down
+    p_control = np.array([0.5, 0.0, 0.0, 0.0])
+    power, by = choose_power(maxprob, p_control, correct, (0.0, 1.0, 4.0))
+    # 0.9 * 0.5 = 0.45 stays above 0.3; 0.9 * 0.5 ** 4 = 0.056 puts the wrong item last
+    assert power == 4.0 and by["0"] > by["1"] > by["4"]
+    with pytest.raises(ValueError, match="powers"):
+        choose_power(maxprob, p_control, correct, (-1.0,))

@@ -75,6 +75,29 @@ def test_served_summary_by_hand() -> None:
     assert d2["default_target"]["threshold"] == 0.7 and d2["default_target"]["answered"] == 5
 
 
+def test_served_summary_with_the_answerable_decision_by_hand() -> None:
+    """The stored decision replaces the max-probability rule: its score (max probability x
+    (1 - P(control)) ** power) against its own table."""
+    from app.scores import Decision
+
+    preds, items = _by_hand()
+    p_control = np.array([0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.5, 0.9])
+    table = {"targets": [{"max_risk": 0.1, "threshold": 0.8, "coverage": 0.4, "feasible": True}]}
+    decision = Decision(score="answerable", control_power=2.0, calibration=table)
+    got = served_items(preds, items, CALIB, 2, decision=decision, p_control=p_control)
+    want = np.array(BY_HAND_CONF) * (1 - p_control) ** 2  # 0.95, 0.745, 0.91, 0.8, ..., 0.2325
+    np.testing.assert_allclose(got.confidence, want)
+    assert got.threshold == 0.8 and got.calibration is table
+    assert got.answered.tolist() == [True, False, True, True, False, False, False, False]
+    out = served_summary(preds, items, CALIB, 2, decision=decision, p_control=p_control)
+    assert out["score"] == "answerable"
+    assert out["default_target"]["answered"] == 3 and out["default_target"]["risk"] == 1 / 3
+    # control 6 (0.93 x 0.25) is now withheld: both controls at the decision's table's 0.1
+    assert out["controls_abstention"]["targets"]["0.1"]["abstention"] == 1.0
+    with pytest.raises(ValueError, match="p_control"):
+        served_items(preds, items, CALIB, 2, decision=decision)
+
+
 def test_no_table_answers_everything_and_claims_no_guarantee() -> None:
     preds = _preds([0.9, 0.6], [True, False], ["f", "f"])
     d = served_summary(preds, [_item(0, "f"), _item(1, "f")], {"targets": []}, 2)

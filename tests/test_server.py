@@ -55,7 +55,8 @@ def test_answer_contract(client):
     assert body["threshold"] == 0.6 and body["max_risk"] == 0.1
     assert body["abstain"] == (body["confidence"] < 0.6)
     assert body["samples"] == 4
-    assert set(body["uncertainty"]) == {"entropy", "mutual_information", "agreement"}
+    assert set(body["uncertainty"]) == {"entropy", "mutual_information", "agreement", "no_answer"}
+    assert body["uncertainty"]["no_answer"] is None  # this posterior has no control probe
     assert body["model"]["posterior"] == "test-posterior"
     assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"] > 0
     again = post(client, data={"samples": "4", "max_risk": "0.1", "seed": "3"}).json()

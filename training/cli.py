@@ -243,6 +243,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         ensemble_size=args.ensemble_size,
         n_boot=args.n_boot,
         write_decision=args.write_decision,
+        control_probe=not args.no_control_probe,
     )
     results = run_report(cfg)
     for g in results["goals"]:
@@ -402,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--write-decision",
         action="store_true",
         help="store each seed's served score (chosen on calib) in its IVON quaver.json",
+    )
+    r.add_argument(
+        "--no-control-probe",
+        action="store_true",
+        help="do not fit the control probe on pretrain (no 'answerable' score)",
     )
     r.set_defaults(func=cmd_report)
 

@@ -308,6 +308,29 @@ def build_dashboard() -> dict[str, Any]:
             12,
             8,
         ),
+        (
+            timeseries(
+                "Audio that holds no answer (control probe)",
+                "uncertainty.no_answer of every request: the share whose audio the control "
+                "probe calls silence, noise or an unrelated sound (P > 0.5), and the mean "
+                "probability. A rise with unchanged traffic means clients send audio nothing "
+                "can be answered about (a muted microphone, a broken upload path); those "
+                "abstentions are right. Empty when the posterior has no probe.",
+                [
+                    target(
+                        '1 - sum(rate(quaver_no_answer_probability_bucket{le="0.5"}'
+                        "[$__rate_interval])) / sum(rate(quaver_no_answer_probability_count"
+                        "[$__rate_interval]))",
+                        "share with P(no answer) > 0.5",
+                    ),
+                    {**mean("quaver_no_answer_probability"), "refId": "B"},
+                ],
+                unit="percentunit",
+                maximum=1,
+            ),
+            24,
+            8,
+        ),
     ]
     performance = [
         (

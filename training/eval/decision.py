@@ -1,12 +1,14 @@
 """Choosing on `calib` what the service serves, and storing it in the posterior's quaver.json.
 
     lam, by_lam = choose_lambda(calib_samples, calib_correct, grid=(0.0, 0.5, 1.0, 2.0))
+    power, by_power = choose_power(calib_maxprob, calib_p_control, calib_correct, (1.0, 4.0))
     best = choose_served(candidates)        # [{predictor, score, temperature, risk_lambda,
                                             #   aurc, nll}, ...] all measured on calib
     write_decision(posterior_dir, best, calibration_table)
 
 The risk-averse score's multiple lambda is the grid value with the lowest AURC on calib (ties:
-the smaller lambda, so lambda 0 = plain max probability wins a tie). The served pair is the
+the smaller lambda, so lambda 0 = plain max probability wins a tie); the "answerable" score's
+power on 1 - P(control) likewise. The served pair is the
 candidate with the lowest calib AURC (the ranking that abstention uses); equal AURC goes to the
 lower calib NLL (so temperature scaling, which barely moves the ranking, is kept when it helps
 the probabilities shown). Nothing here looks at `test`. The server reads the entry back with
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.scores import Decision, score_values
+from app.scores import Decision, answerable, score_values
 from training.eval.metrics import aurc
 
 AURC_TIE = 1e-12
@@ -42,6 +44,18 @@ def choose_lambda(
     return best, {f"{g:g}": v for g, v in by.items()}
 
 
+def choose_power(
+    maxprob: np.ndarray, p_control: np.ndarray, correct: np.ndarray, grid: Sequence[float]
+) -> tuple[float, dict[str, float]]:
+    """The power of `grid` whose "answerable" score maxprob * (1 - p_control) ** power has the
+    lowest AURC on these (calib) items (ties: the smaller power), and every grid value's AURC."""
+    if not grid or any(g < 0 for g in grid):
+        raise ValueError(f"grid must hold powers >= 0, got {grid}")
+    by = {float(g): aurc(answerable(maxprob, p_control, float(g)), correct) for g in sorted(grid)}
+    best = min(by, key=lambda g: (by[g], g))
+    return best, {f"{g:g}": v for g, v in by.items()}
+
+
 def choose_served(candidates: Sequence[Mapping]) -> dict:
     """The candidate with the lowest calib "aurc" (ties within 1e-12: lower "nll", then order)."""
     if not candidates:
@@ -52,14 +66,16 @@ def choose_served(candidates: Sequence[Mapping]) -> dict:
 
 
 def write_decision(posterior_dir: Path, chosen: Mapping, calibration: Mapping) -> Path:
-    """Store `chosen` (predictor, score, temperature, risk_lambda) with the threshold table
-    `calibration` computed on that score as quaver.json's "decision"; returns the file.
+    """Store `chosen` (predictor, score, temperature, risk_lambda, control_power) with the
+    threshold table `calibration` computed on that score as quaver.json's "decision"; returns
+    the file.
 
     Only quaver.json changes: posterior.safetensors (and so every prediction cache) stays."""
     decision = Decision(
         score=str(chosen["score"]),
         temperature=None if chosen.get("temperature") is None else float(chosen["temperature"]),
         risk_lambda=float(chosen.get("risk_lambda") or 0.0),
+        control_power=float(chosen.get("control_power", 1.0)),
         predictor=chosen.get("predictor"),
         calibration=dict(calibration),
     )  # validates what the server will read back

@@ -112,12 +112,14 @@ def risk_coverage_plot(
     """
     _need(predictors, "predictors")
     fig, (ax,) = _figure(1, (5.5, 4.0))
-    for name, (conf, correct) in predictors.items():
+    for i, (name, (conf, correct)) in enumerate(predictors.items()):
         curve = risk_coverage_curve(conf, correct)
         ax.step(
             curve.coverage,
             curve.risk,
             where="post",
+            # past the ten colours of the cycle, the same colours dashed: no two lines alike
+            linestyle="-" if i < 10 else "--",
             label=f"{name} (AURC {aurc(conf, correct):.3f})",
         )
     for r in targets:

@@ -2,7 +2,8 @@
 
 `evaluate.py` scores probabilities; this module replays the server's rule on them. For a
 posterior's calibration table (quaver.json "calibration") and the cached predictions of one split
-(`predictions.py`), at the risk target a request gets when it names none (`app.thresholds`):
+(`predictions.py`), at the risk target a request gets when it names none (`app.thresholds`),
+with the posterior's served score when it stores a "decision" (`app.scores`):
 
   - coverage (share answered) over all items and over the answerable ones (not controls);
   - realised selective risk of the answered items, with a one-sided Clopper-Pearson upper bound,
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.scores import Decision, score_values
 from app.thresholds import default_risk, threshold_for
 from training.data.controls import abstention_on_controls, control_mask
 from training.data.manifest import Item
@@ -72,7 +74,8 @@ class ServedItems:
     correct: np.ndarray  # bool: the top choice is the label
     control: np.ndarray  # bool: a control item (any answer is a guess)
     family: np.ndarray  # str: the item's family
-    confidence: np.ndarray  # float: the served confidence (max averaged probability)
+    confidence: np.ndarray  # float: the served confidence (the decision's score, or max prob)
+    calibration: Mapping  # the threshold table the rule used (the decision's, or the posterior's)
     max_risk: float  # the default target a request without max_risk gets
     guaranteed_by: float | None  # the table's target whose threshold is used (None: none)
     threshold: float  # that threshold (+inf: abstain on everything)
@@ -84,12 +87,29 @@ def served_items(
     calibration: Mapping,
     samples: int,
     configured_risk: float | None = None,
+    decision: Decision | None = None,
+    p_control: np.ndarray | None = None,
 ) -> ServedItems:
-    """Per-item decisions of the server's default-target rule (see served_summary)."""
+    """Per-item decisions of the server's default-target rule (see served_summary). With the
+    posterior's `decision` (app.scores), the server's confidence is that score and its
+    threshold table the decision's own (`p_control`: the control probe's (n,) P(control),
+    needed by the "answerable" score); without one, the max averaged probability and
+    `calibration`."""
     probs = preds.mean_probs if samples <= 1 else preds.bma(samples)
     if len(items) != len(probs):
         raise ValueError(f"{len(items)} items but predictions for {len(probs)}")
     conf = confidence(probs)
+    if decision is not None:
+        draws = probs[:, None, :] if samples <= 1 else preds.sample_probs[:, :samples]
+        conf = score_values(
+            draws,
+            decision.score,
+            decision.temperature,
+            decision.risk_lambda,
+            p_control,
+            decision.control_power,
+        )
+        calibration = decision.calibration or calibration
     risk = default_risk(dict(calibration), configured_risk)
     thr = threshold_for(dict(calibration), risk)
     return ServedItems(
@@ -98,6 +118,7 @@ def served_items(
         control=control_mask(items),
         family=np.asarray(preds.families, dtype=str),
         confidence=conf,
+        calibration=calibration,
         max_risk=risk,
         guaranteed_by=thr.max_risk,
         threshold=float(thr.value),
@@ -143,10 +164,13 @@ def served_summary(
     samples: int,
     configured_risk: float | None = None,
     delta: float = 0.05,
+    decision: Decision | None = None,
+    p_control: np.ndarray | None = None,
 ) -> dict:
     """The served rule on one split: see the module docstring. `samples` is the K the server
-    draws (1: the posterior mean); `configured_risk` is QUAVER_DEFAULT_MAX_RISK (None: unset)."""
-    got = served_items(preds, items, calibration, samples, configured_risk)
+    draws (1: the posterior mean); `configured_risk` is QUAVER_DEFAULT_MAX_RISK (None: unset);
+    `decision` and `p_control` as in `served_items`."""
+    got = served_items(preds, items, calibration, samples, configured_risk, decision, p_control)
     conf, correct, controls, answered = got.confidence, got.correct, got.control, got.answered
     n_ans, n_err = int(answered.sum()), int((answered & ~correct).sum())
     answerable = ~controls
@@ -170,6 +194,7 @@ def served_summary(
                 else bool(n_err / n_ans <= got.guaranteed_by)
             ),
         },
-        "controls_abstention": abstention_on_controls(items, conf, calibration, delta),
+        "score": "maxprob" if decision is None else decision.score,
+        "controls_abstention": abstention_on_controls(items, conf, got.calibration, delta),
         "families": family_accuracy_vs_chance(correct, preds.families, preds.n_choices),
     }

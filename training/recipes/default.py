@@ -195,6 +195,23 @@ def record_golden(
     return {"benchmark_seed": bench_seed, "samples": 1, "items": items}
 
 
+def served_rule(
+    base: Path, post: Path, data_dir: Path, splits: tuple[str, ...], prefix_cache: Path | None
+) -> tuple[dict, object, dict | None]:
+    """What a posterior directory serves: (its calibration table, its stored decision or None,
+    {split: P(control)} of its control probe or None), as `Predictor.from_dirs` reads them."""
+    from app.posterior import META_FILE
+    from app.scores import Decision
+    from training.eval.control_probe import posterior_p_control
+
+    meta = json.loads((Path(post) / META_FILE).read_text())
+    decision = Decision.from_meta(meta) if "decision" in meta else None
+    p_control = None
+    if decision is not None and decision.needs_probe:
+        p_control = posterior_p_control(base, post, data_dir, splits, prefix_cache)
+    return meta["calibration"], decision, p_control
+
+
 def served_results(
     base: Path,
     posts: dict[str, Path],
@@ -203,9 +220,9 @@ def served_results(
     splits: tuple[str, ...],
     prefix_cache: Path | None = None,
 ) -> dict[str, dict[str, dict]]:
-    """{name: {split: served_summary}}: the server's default-target decisions, control abstention
-    and per-family accuracy against chance, from the predictions evaluation cached."""
-    from app.posterior import META_FILE
+    """{name: {split: served_summary}}: the server's default-target decisions (with each
+    posterior's served score), control abstention and per-family accuracy against chance, from
+    the predictions evaluation cached."""
     from training.data.manifest import read_manifest
     from training.eval.predictions import predict_split
     from training.eval.served import served_summary
@@ -213,13 +230,20 @@ def served_results(
     out: dict[str, dict[str, dict]] = {}
     for name, post in posts.items():
         k = samples_for(name, samples)
-        calibration = json.loads((Path(post) / META_FILE).read_text())["calibration"]
+        calibration, decision, p_control = served_rule(base, post, data_dir, splits, prefix_cache)
         for split in splits:
             preds = predict_split(
                 base, post, data_dir, split, samples=max(k, 1), prefix_cache=prefix_cache
             )
             items = read_manifest(data_dir, split)
-            out.setdefault(name, {})[split] = served_summary(preds, items, calibration, k)
+            out.setdefault(name, {})[split] = served_summary(
+                preds,
+                items,
+                calibration,
+                k,
+                decision=decision,
+                p_control=None if p_control is None else p_control[split],
+            )
     return out
 
 
@@ -235,7 +259,6 @@ def versus_shipped(
     The shipped default is copied to <work>/shipped-before on the first invocation (its
     predictions are cached there, not in app/default), so a resumed or repeated invocation,
     which may have shipped in between, compares with the same default."""
-    from app.posterior import META_FILE
     from training.data.manifest import read_manifest
     from training.eval.predictions import predict_split
     from training.eval.served import served_items, versus
@@ -251,26 +274,21 @@ def versus_shipped(
             return None
         ignore = shutil.ignore_patterns("predictions", "golden")
         save_atomic(old, lambda tmp: shutil.copytree(src, tmp, ignore=ignore))
-    meta = {p: json.loads((Path(p) / META_FILE).read_text()) for p in (candidate, old)}
+    cache = recipe.work / "prefix-cache"
+    rules = {p: served_rule(base, p, recipe.data_dir, splits, cache) for p in (candidate, old)}
     out = {}
     for split in splits:
         items = read_manifest(recipe.data_dir, split)
-        new_old = [
-            served_items(
-                predict_split(
-                    base,
-                    post,
-                    recipe.data_dir,
-                    split,
-                    samples=recipe.samples,
-                    prefix_cache=recipe.work / "prefix-cache",
-                ),
-                items,
-                meta[post]["calibration"],
-                recipe.samples,
+        new_old = []
+        for post in (candidate, old):
+            calibration, decision, p_control = rules[post]
+            preds = predict_split(
+                base, post, recipe.data_dir, split, samples=recipe.samples, prefix_cache=cache
             )
-            for post in (candidate, old)
-        ]
+            pc = None if p_control is None else p_control[split]
+            new_old.append(
+                served_items(preds, items, calibration, recipe.samples, None, decision, pc)
+            )
         out[split] = versus(*new_old, synthetic=DEFAULT_FAMILIES)
     return out
 

@@ -48,14 +48,24 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from training.data.generate import REAL_SPLITS
 from training.data.manifest import manifest_path
+from training.eval.control_probe import (
+    attach_control_probe,
+    fit_control_probe,
+    split_features,
+    split_p_control,
+    split_states,
+)
 from training.eval.decision import write_decision
+from training.eval.metrics import control_auroc
 from training.eval.posterior_shape import run_shape
 from training.eval.predictions import SplitPredictions, predict_split
 from training.eval.selective import DEFAULT_TARGETS
@@ -73,8 +83,15 @@ from training.recipes.report_scores import (
     summarize_seeds,
 )
 
-FORMAT_VERSION = 4  # 2: scores per predictor, ensemble, controls, bootstrap, served decision;
-# 3: posterior_shape (Hessian movement, measured update sizes); 4: benchmark
+if TYPE_CHECKING:
+    import numpy as np
+
+    from app.control import ControlProbe
+    from training.config import FinetuneConfig
+
+FORMAT_VERSION = 5  # 2: scores per predictor, ensemble, controls, bootstrap, served decision;
+# 3: posterior_shape (Hessian movement, measured update sizes); 4: benchmark; 5: control_probe
+# (the "answerable" score of every predictor, control_power per seed)
 
 
 @dataclass
@@ -99,10 +116,16 @@ class ReportConfig:
     # risk-averse score = mean - lambda * std of the chosen option; lambda from this grid by
     # lowest AURC on calib, per predictor and seed
     risk_lambdas: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    # "answerable" = maxprob * (1 - P(control)) ** power; the power from this grid by lowest
+    # AURC on calib, per predictor and seed
+    control_powers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     ensemble_size: int = 4  # AdamW deep ensemble members (1: no ensemble row)
     n_boot: int = 1000  # paired bootstrap resamples of the differences between predictors
     boot_seed: int = 0
     write_decision: bool = False  # store each seed's served choice in its IVON quaver.json
+    # fit the control probe (app.control) on `pretrain`'s prefix states and add its "answerable"
+    # score to every predictor (skipped with a note when `pretrain` holds no control items)
+    control_probe: bool = True
     batch_size: int = 8  # items per prediction batch
     threads: int = 0  # torch threads for prediction (0 = torch's default)
     # device for prediction (None: each run's own `device`); the base's dtype is each run's own
@@ -122,6 +145,7 @@ class ReportConfig:
         self.large_splits = tuple(str(sp) for sp in self.large_splits)
         self.targets = tuple(sorted(float(t) for t in self.targets))
         self.risk_lambdas = tuple(sorted(float(x) for x in self.risk_lambdas))
+        self.control_powers = tuple(sorted(float(x) for x in self.control_powers))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
         if not self.samples or self.samples[0] < 1 or len(set(self.samples)) != len(self.samples):
@@ -146,6 +170,8 @@ class ReportConfig:
             raise ValueError("need 0 < delta < 1, batch_size >= 1 and n_boot >= 1")
         if not self.risk_lambdas or self.risk_lambdas[0] < 0:
             raise ValueError(f"risk_lambdas must be lambdas >= 0, got {self.risk_lambdas}")
+        if not self.control_powers or self.control_powers[0] < 0:
+            raise ValueError(f"control_powers must be powers >= 0, got {self.control_powers}")
         if self.ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
         members = [s + 100 * i for s in self.seeds for i in range(self.ensemble_size)]
@@ -185,6 +211,8 @@ def report_command(cfg: ReportConfig) -> str:
         parts.append(f"--n-boot {cfg.n_boot}")
     if cfg.write_decision:
         parts.append("--write-decision")
+    if not cfg.control_probe:
+        parts.append("--no-control-probe")
     return " ".join(parts)
 
 
@@ -240,6 +268,52 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+
+
+def report_probe(
+    run: FinetuneConfig,
+    posterior_dir: Path,
+    splits: Sequence[str],
+    cache_root: Path,
+    progress: bool,
+) -> tuple[ControlProbe | None, dict[str, np.ndarray] | None, dict]:
+    """The control probe fitted on `pretrain` (`run`: the FinetuneConfig of `posterior_dir`)
+    and its P(control) on calib and every reported split; (None, None, note) when `pretrain`
+    has no control items or is missing. The third element is results.json's "control_probe"
+    entry."""
+    import torch
+
+    from app.modeling import load_checkpoint
+    from app.overlay import apply_overlay
+    from app.posterior import LoRASpec
+
+    data = Path(run.data_dir)
+    if not manifest_path(data, "pretrain").exists():
+        return None, None, {"fitted": False, "why": "the benchmark has no pretrain split"}
+    meta = json.loads((Path(posterior_dir) / "quaver.json").read_text())
+    layer = LoRASpec.from_json(meta["lora"]).first_layer
+    loaded = load_checkpoint(run.base_dir, dtype=getattr(torch, run.dtype))
+    apply_overlay(posterior_dir, loaded)
+
+    def states(split: str):
+        return split_states(
+            loaded, run.base_dir, posterior_dir, data, split, layer, cache_root, progress, run.dtype
+        )
+
+    fit = states("pretrain")
+    if not fit.is_control.any():
+        return None, None, {"fitted": False, "why": "pretrain holds no control items"}
+    info = {"fitted_on": "pretrain"}
+    probe = fit_control_probe(split_features(loaded, fit), fit.is_control, layer, info=info)
+    p_control, auroc = {}, {}
+    for sp in ("calib", *splits):
+        st = states(sp)
+        p_control[sp] = split_p_control(probe, loaded, st)
+        auroc[sp] = (
+            control_auroc(1.0 - p_control[sp], st.is_control) if st.is_control.any() else None
+        )
+    entry = {"fitted": True, **dict(probe.info or {}), "layer": layer, "auroc_control": auroc}
+    return probe, p_control, entry
 
 
 def run_report(cfg: ReportConfig) -> dict:
@@ -332,16 +406,28 @@ def run_report(cfg: ReportConfig) -> dict:
         times["predict_large_s"] = round(time.time() - t, 1)
 
     t = time.time()
+    probe, p_control, probe_entry = None, None, {"fitted": False, "why": "--no-control-probe"}
+    if cfg.control_probe:
+        first = cfg.seeds[0]
+        probe, p_control, probe_entry = report_probe(
+            run_cfgs[("ivon", first)], runs["ivon"][first], splits, pcache, cfg.progress
+        )
+        print(f"[report] control probe: {probe_entry}", flush=True)
+    times["control_probe_s"] = round(time.time() - t, 1)
+
+    t = time.time()
     names = predictor_names(cfg)
-    per_seed, temperatures, thresholds_seed, pooled = score_seeds(cfg, preds, splits)
+    per_seed, temperatures, thresholds_seed, pooled = score_seeds(cfg, preds, splits, p_control)
     summary = summarize_seeds(cfg, per_seed, thresholds_seed, splits)
-    boot = bootstrap_differences(cfg, pooled)
+    boot = bootstrap_differences(cfg, pooled, probe=p_control is not None)
     times["metrics_s"] = round(time.time() - t, 1)
     decisions = {s: per_seed[s]["decision"] for s in per_seed}
     if cfg.write_decision:
         for seed in cfg.seeds:
             d = decisions[str(seed)]
             table = thresholds_seed[str(seed)][d["key"]]["calibration"]
+            if probe is not None:  # the served score may need it; the response shows it
+                attach_control_probe(runs["ivon"][seed], probe)
             path = write_decision(runs["ivon"][seed], d, table)
             print(f"[report] served decision of seed {seed} ({d['key']}) -> {path}", flush=True)
 
@@ -362,6 +448,7 @@ def run_report(cfg: ReportConfig) -> dict:
             "delta": cfg.delta,
             "threshold_method": "sgr",
             "risk_lambdas": list(cfg.risk_lambdas),
+            "control_powers": list(cfg.control_powers),
             "ensemble_size": cfg.ensemble_size,
             "ensemble": ensemble_name(cfg),
             "n_boot": cfg.n_boot,
@@ -380,6 +467,7 @@ def run_report(cfg: ReportConfig) -> dict:
         "n_choices": sorted({int(c) for c in first.n_choices}),
         "runs": {w: {str(s): str(p) for s, p in r.items()} for w, r in runs.items()},
         "posterior_shape": shapes,
+        "control_probe": probe_entry,
         "temperature": temperatures,
         "predictors": names,
         "aggregate": summary["aggregate"],

@@ -50,6 +50,9 @@ def make_plots(cfg: ReportConfig, results: dict, pooled: dict, main: str) -> lis
             for score in SAMPLE_SCORES:
                 rc[f"{main} {score}"] = _pool(pooled[sp], key(main, score))
         rc["served IVON"] = _pool(pooled[sp], "served")
+        gated = key("AdamW + TS", "answerable")  # the same control probe on AdamW
+        if gated in pooled[sp]:
+            rc["AdamW + TS answerable"] = _pool(pooled[sp], gated)
         written.append(
             plots.risk_coverage_plot(
                 rc,
@@ -84,7 +87,10 @@ def make_plots(cfg: ReportConfig, results: dict, pooled: dict, main: str) -> lis
         )
     ctl = pooled[CONTROLS]
     if ctl["served"][4].any() and not ctl["served"][4].all():  # control score histograms
-        for k, slug in (("served", "served_ivon"), (key("AdamW + TS", "maxprob"), "adamw_ts")):
+        shown_ctl = [("served", "served_ivon"), (key("AdamW + TS", "maxprob"), "adamw_ts")]
+        if key("AdamW + TS", "answerable") in ctl:
+            shown_ctl.append((key("AdamW + TS", "answerable"), "adamw_ts_answerable"))
+        for k, slug in shown_ctl:
             conf, control = ctl[k][0], ctl[k][4]
             written.append(
                 plots.confidence_histogram(
@@ -272,6 +278,24 @@ def _score_tables(results: dict) -> list[str]:
         "from wrong answers; AUROC ctrl: telling answerable items from control items (silence, "
         "noise, unrelated audio), higher score = answerable. `served` is each seed's choice.",
     ]
+    probe = results.get("control_probe") or {}
+    if probe.get("fitted"):
+        powers = ", ".join(f"{x:g}" for x in results["settings"].get("control_powers", []))
+        auroc = ", ".join(
+            f"{sp} {v:.3f}" for sp, v in probe.get("auroc_control", {}).items() if v is not None
+        )
+        lines += [
+            "",
+            "answerable = max probability x (1 - P(control)) ^ power, P(control) from the "
+            f"control probe (a logistic regression on the layer-{probe['layer']} states of the "
+            f"audio, fitted on {probe['fitted_on']}: {probe['n']} items, {probe['n_control']} "
+            f"controls), power from {{{powers}}} by lowest calib AURC per predictor and seed. "
+            "The probe reads states below the LoRA layers, so it is the same for every "
+            "optimizer and seed; its own control AUROC (P(control) alone): "
+            f"{auroc}.",
+        ]
+    elif probe:
+        lines += ["", f"No control probe: {probe.get('why')}."]
     cols = list(SCORE_COLUMNS)
     for sp in (*results["splits"], CONTROLS):
         agg = results["aggregate_scores"][sp]
@@ -289,9 +313,11 @@ def _served_section(results: dict) -> list[str]:
         "## Served choice",
         "",
         "Per seed, on calib only: the IVON candidates at the served K (max probability, with "
-        "and without temperature, risk-averse, mutual information) ranked by calib AURC; equal "
-        "AURC goes to the lower calib NLL. `quaver report --write-decision` stores the choice, "
-        "its temperature, lambda and threshold table in the IVON posterior's quaver.json, and "
+        "and without temperature, risk-averse, mutual information, and with the control probe "
+        "the answerable score with and without temperature) ranked by calib AURC; equal AURC "
+        "goes to the lower calib NLL. `quaver report --write-decision` stores the choice, its "
+        "temperature, lambda, power and threshold table (and the control probe) in the IVON "
+        "posterior's quaver.json, and "
         'the server then answers with that score (docs/architecture.md, "Served score").',
         "",
     ]
@@ -302,8 +328,10 @@ def _served_section(results: dict) -> list[str]:
         )
         t = "-" if d["temperature"] is None else f"{d['temperature']:.3f}"
         served = d["key"].replace(" | ", " ")  # "predictor | score": a pipe would split the cell
-        rows.append([seed, served, t, f"{d['risk_lambda']:g}", cands])
-    lines += md_table(["seed", "served", "T", "lambda", "calib AURC % of each candidate"], rows)
+        power = f"{d['control_power']:g}" if d["score"] == "answerable" else "-"
+        rows.append([seed, served, t, f"{d['risk_lambda']:g}", power, cands])
+    head = ["seed", "served", "T", "lambda", "power", "calib AURC % of each candidate"]
+    lines += md_table(head, rows)
     return lines
 
 

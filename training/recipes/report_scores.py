@@ -12,7 +12,12 @@ Predictors (per seed; temperatures fitted on `calib` only):
 Scores (`app.scores`, the ones the server can use): "maxprob" for every predictor; for predictors
 with samples (IVON BMA K > 1, the ensemble) also "risk_averse" (mean - lambda * std of the chosen
 option, lambda from `cfg.risk_lambdas` by lowest calib AURC) and "mutual_information"
-(confidence = -MI). Every (predictor, score) gets its own guaranteed-risk table on calib.
+(confidence = -MI). With the control probe (`training.eval.control_probe`, fitted on
+`pretrain`), every predictor also gets "answerable": its max probability times 1 - P(control),
+the probe's probability that the audio holds no answer. The probe reads the frozen states below
+the LoRA layers, so it is the same for IVON and AdamW: the AdamW rows get it too, and the served
+IVON choice is compared with "AdamW + TS | answerable" as well as with plain AdamW + TS.
+Every (predictor, score) gets its own guaranteed-risk table on calib.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from app.scores import SAMPLE_SCORES, score_values
+from app.scores import PROBE_SCORES, SAMPLE_SCORES, answerable, score_values
 from training.eval.bootstrap import paired_bootstrap
-from training.eval.decision import choose_lambda, choose_served
+from training.eval.decision import choose_lambda, choose_power, choose_served
 from training.eval.metrics import (
     NLL_FLOOR,
     aurc,
@@ -103,6 +108,8 @@ class Scored:
     labels: np.ndarray  # (n,)
     n_choices: np.ndarray  # (n,)
     families: np.ndarray  # (n,)
+    p_control: np.ndarray | None = None  # (n,) the control probe's P(control) (None: no probe)
+    control_power: float = 1.0  # "answerable"'s power on 1 - P(control), chosen on calib
 
     @property
     def correct(self) -> np.ndarray:
@@ -122,6 +129,10 @@ class Scored:
         """Confidence score (n,): "maxprob" of `probs`, or a sample score of `samples`."""
         if kind == "maxprob":
             return confidence(self.probs)
+        if kind == "answerable":
+            if self.p_control is None:
+                raise ValueError("the answerable score needs the control probe's p_control")
+            return answerable(confidence(self.probs), self.p_control, self.control_power)
         if self.samples is None:
             raise ValueError(f"the {kind} score needs per-sample probabilities")
         return score_values(self.samples, kind, risk_lambda=lam)
@@ -140,10 +151,12 @@ def sample_predictors(cfg: ReportConfig) -> list[str]:
     return out + ([ensemble_name(cfg)] if ensemble_name(cfg) else [])
 
 
-def selective_entries(cfg: ReportConfig) -> list[tuple[str, str]]:
-    """(predictor, score) pairs whose thresholds are calibrated and whose ranking is reported."""
+def selective_entries(cfg: ReportConfig, probe: bool = False) -> list[tuple[str, str]]:
+    """(predictor, score) pairs whose thresholds are calibrated and whose ranking is reported
+    (`probe`: with the control probe's "answerable" score for every predictor)."""
     pairs = [(name, "maxprob") for name in predictor_names(cfg)]
-    return pairs + [(n, s) for n in sample_predictors(cfg) for s in SAMPLE_SCORES]
+    pairs += [(n, s) for n in sample_predictors(cfg) for s in SAMPLE_SCORES]
+    return pairs + ([(n, s) for n in predictor_names(cfg) for s in PROBE_SCORES] if probe else [])
 
 
 def build_predictors(
@@ -153,10 +166,14 @@ def build_predictors(
     temperature: float,
     bma_temperature: float,
     members: Sequence[SplitPredictions] = (),
+    p_control: np.ndarray | None = None,
 ) -> dict[str, Scored]:
     """Every predictor of the table on one split of one seed (`members`: the ensemble's AdamW
-    runs, the seed's own first)."""
-    meta = (ivon.labels, ivon.n_choices, ivon.families)
+    runs, the seed's own first; `p_control`: the control probe's (n,) P(control) of the split's
+    items, the same for every predictor)."""
+    if p_control is not None and len(p_control) != len(ivon.labels):
+        raise ValueError(f"p_control has {len(p_control)} items, the split {len(ivon.labels)}")
+    meta = (ivon.labels, ivon.n_choices, ivon.families, p_control)
     for other in (adamw, *members):
         if not np.array_equal(ivon.labels, other.labels):
             raise ValueError("IVON and AdamW predictions are not on the same items")
@@ -247,11 +264,14 @@ BOOT_METRICS = {
 }
 
 
-def comparisons(cfg: ReportConfig) -> list[tuple[str, str]]:
+def comparisons(cfg: ReportConfig, probe: bool = False) -> list[tuple[str, str]]:
     """(a, b) pairs whose differences get paired bootstrap intervals; "served" is the IVON
-    predictor and score chosen on calib for each seed."""
+    predictor and score chosen on calib for each seed. With the control probe, the served one
+    is also compared with AdamW + TS gated by the same probe (what AdamW could serve)."""
     main = f"IVON BMA K={cfg.main_samples}"
     pairs = [("served", key("AdamW + TS", "maxprob")), ("served", key("AdamW", "maxprob"))]
+    if probe:
+        pairs.append(("served", key("AdamW + TS", "answerable")))
     if ensemble_name(cfg):
         pairs.append(("served", key(ensemble_name(cfg), "maxprob")))
     return [*pairs, (key(main, "maxprob"), key("AdamW + TS", "maxprob"))]
@@ -261,12 +281,14 @@ def served_candidates(
     cfg: ReportConfig, calib: dict[str, Scored], lambdas: dict[str, float], t_bma: float
 ) -> list[dict]:
     """What IVON can serve at the served K, each measured on calib (AURC of the score, NLL of
-    the probabilities shown)."""
+    the probabilities shown; "answerable" only when the split has the probe's p_control)."""
     main = f"IVON BMA K={cfg.main_samples}"
     options = [(main, "maxprob", None, 0.0), (BMA_TS, "maxprob", t_bma, 0.0)]
     if cfg.main_samples > 1:
         options.append((main, "risk_averse", None, lambdas[main]))
         options.append((main, "mutual_information", None, 0.0))
+    if calib[main].p_control is not None:  # the control probe's gate on both BMA predictors
+        options += [(main, "answerable", None, 0.0), (BMA_TS, "answerable", t_bma, 0.0)]
     out = []
     for pred, score, temp, lam in options:
         s = calib[pred]
@@ -276,6 +298,7 @@ def served_candidates(
                 "score": score,
                 "temperature": temp,
                 "risk_lambda": lam,
+                "control_power": s.control_power if score in PROBE_SCORES else 1.0,
                 "aurc": float(aurc(s.score(score, lam), s.correct)),
                 "nll": float(s.nll_items().mean()),
             }
@@ -283,7 +306,13 @@ def served_candidates(
     return out
 
 
-def _score_one_seed(cfg: ReportConfig, preds: dict, seed: int, splits: Sequence[str]) -> dict:
+def _score_one_seed(
+    cfg: ReportConfig,
+    preds: dict,
+    seed: int,
+    splits: Sequence[str],
+    p_control: dict[str, np.ndarray] | None = None,
+) -> dict:
     """Everything of one seed: scored predictors per split, lambdas, temperatures, decision."""
     cal_adam = preds[("adamw", seed, "calib")]
     cal_ivon = preds[("ivon", seed, "calib")]
@@ -298,6 +327,7 @@ def _score_one_seed(cfg: ReportConfig, preds: dict, seed: int, splits: Sequence[
             temp,
             t_bma,
             [preds[("adamw", m, sp)] for m in members],
+            None if p_control is None else p_control[sp],
         )
         for sp in ("calib", *splits)
     }
@@ -308,6 +338,15 @@ def _score_one_seed(cfg: ReportConfig, preds: dict, seed: int, splits: Sequence[
             lambdas[n], lambda_aurc[n] = choose_lambda(cal.samples, cal.correct, cfg.risk_lambdas)
         else:
             lambdas[n] = 0.0
+    powers, power_aurc = {}, {}
+    if p_control is not None:  # the answerable score's power per predictor, on calib
+        for n in predictor_names(cfg):
+            cal = scored["calib"][n]
+            powers[n], power_aurc[n] = choose_power(
+                confidence(cal.probs), cal.p_control, cal.correct, cfg.control_powers
+            )
+            for sp in scored:
+                scored[sp][n].control_power = powers[n]
     candidates = served_candidates(cfg, scored["calib"], lambdas, t_bma)
     chosen = choose_served(candidates)
     chosen["key"] = key(chosen["predictor"], chosen["score"])
@@ -317,19 +356,25 @@ def _score_one_seed(cfg: ReportConfig, preds: dict, seed: int, splits: Sequence[
         "bma_temperature": t_bma,
         "lambdas": lambdas,
         "lambda_aurc": lambda_aurc,
+        "control_power": powers,
+        "control_power_aurc": power_aurc,
         "decision": {**chosen, "candidates": candidates, "chosen_on": "calib"},
     }
 
 
 def score_seeds(
-    cfg: ReportConfig, preds: dict, splits: Sequence[str] = SPLITS
+    cfg: ReportConfig,
+    preds: dict,
+    splits: Sequence[str] = SPLITS,
+    p_control: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict, dict, dict]:
     """Every predictor and score of every seed on every split, from the cached predictions
     `preds` ({(optimizer, seed, split): SplitPredictions}, the ensemble's extra AdamW runs under
-    their own seeds): (per-seed metrics, AdamW temperature per seed, per-seed thresholds with their
-    realised risk, per-item arrays pooled over seeds for plots and the bootstrap)."""
+    their own seeds) and, when given, the control probe's P(control) per split ({split: (n,)},
+    calib included): (per-seed metrics, AdamW temperature per seed, per-seed thresholds with
+    their realised risk, per-item arrays pooled over seeds for plots and the bootstrap)."""
     names = predictor_names(cfg)
-    entries = selective_entries(cfg)
+    entries = selective_entries(cfg, probe=p_control is not None)
     per_seed: dict[str, dict] = {}
     temperatures: dict[str, float] = {}  # AdamW + TS (IVON BMA + TS: per_seed "temperature")
     thresholds_seed: dict[str, dict] = {}
@@ -337,14 +382,17 @@ def score_seeds(
     keys = [key(n, score) for n, score in entries]
     pooled: dict[str, dict[str, list]] = {sp: {} for sp in sets}
     for seed in cfg.seeds:
-        one = _score_one_seed(cfg, preds, seed, splits)
+        one = _score_one_seed(cfg, preds, seed, splits, p_control)
         scored, lambdas, decision = one["scored"], one["lambdas"], one["decision"]
         temperatures[str(seed)] = one["temperature"]
         res: dict = {
             "temperature": {"AdamW + TS": one["temperature"], BMA_TS: one["bma_temperature"]},
             "risk_lambda": lambdas,
             "risk_lambda_calib_aurc": one["lambda_aurc"],
+            "control_power": one["control_power"],
+            "control_power_calib_aurc": one["control_power_aurc"],
             "decision": decision,
+            "control_probe": p_control is not None,
         }
         for sp in splits:
             res[sp] = {
@@ -416,13 +464,14 @@ def _thresholds(
     return out
 
 
-def bootstrap_differences(cfg: ReportConfig, pooled: dict) -> dict:
+def bootstrap_differences(cfg: ReportConfig, pooled: dict, probe: bool = False) -> dict:
     """{set: {"a - b": {metric: paired_bootstrap result}}} on items pooled over seeds (each
-    seed's items are its own draws: paired by seed and item)."""
+    seed's items are its own draws: paired by seed and item; `probe`: the scores include the
+    control probe's "answerable")."""
     out: dict[str, dict] = {}
     for sp, by in pooled.items():
         out[sp] = {}
-        for a, b in comparisons(cfg):
+        for a, b in comparisons(cfg, probe):
             out[sp][f"{a} - {b}"] = {
                 m: paired_bootstrap(fn, by[a], by[b], n_boot=cfg.n_boot, seed=cfg.boot_seed)
                 for m, fn in BOOT_METRICS.items()
@@ -461,7 +510,8 @@ def summarize_seeds(
         sp: {n: _agg_tree([per_seed[s][sp]["metrics"][n]["overall"] for s in seeds]) for n in names}
         for sp in splits
     }
-    keys = [key(n, sc) for n, sc in selective_entries(cfg)]
+    probe = bool(per_seed[seeds[0]].get("control_probe"))
+    keys = [key(n, sc) for n, sc in selective_entries(cfg, probe)]
     aggregate_scores = {
         sp: {k: _agg_tree([per_seed[s][sp]["scores"][k] for s in seeds]) for k in keys}
         for sp in splits
