@@ -356,6 +356,18 @@ def test_report_on_real_mix_covers_test_real_and_controls(real_report):
         assert Decision.from_meta(meta).score == res["decision"][s]["score"]
         assert (post / meta["control_probe"]["file"]).exists()
         assert meta["control_probe"]["layer"] == probe["layer"]
+    # the stored probe, read back as the served-rule replay reads it, gives the report's AUROC
+    from training.eval.control_probe import posterior_p_control
+    from training.eval.metrics import control_auroc
+
+    post = Path(res["runs"]["ivon"]["0"])
+    base = Path(json.loads((post / "quaver.json").read_text())["base"]["path"])
+    got = posterior_p_control(base, post, real_report / "bench", ("test_real",))["test_real"]
+    z = np.load(next((post / "predictions").glob("test_real-K*-s0-*.npz")))
+    assert got.shape == z["labels"].shape and ((got >= 0) & (got <= 1)).all()
+    control = z["families"] == "control"
+    want = probe["auroc_control"]["test_real"]
+    assert control_auroc(1.0 - got, control) == pytest.approx(want, abs=1e-6)
 
 
 def test_large_k_drawn_on_named_splits_only(real_report):

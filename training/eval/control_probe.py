@@ -140,6 +140,21 @@ def attach_control_probe(posterior_dir: Path, probe: ControlProbe) -> Path:
     return path
 
 
+def prefix_model(
+    base_dir: Path, posterior_dir: Path, dtype: str = "float32"
+) -> tuple[LoadedModel, int, dict]:
+    """What a posterior's prefix states are computed with: the base in `dtype` with the
+    posterior's base overlay applied, the posterior's first LoRA layer, and its quaver.json."""
+    from app.modeling import load_checkpoint
+    from app.overlay import apply_overlay
+    from app.posterior import META_FILE, LoRASpec
+
+    meta = json.loads((Path(posterior_dir) / META_FILE).read_text())
+    loaded = load_checkpoint(base_dir, dtype=getattr(torch, dtype))
+    apply_overlay(posterior_dir, loaded)
+    return loaded, LoRASpec.from_json(meta["lora"]).first_layer, meta
+
+
 def posterior_p_control(
     base_dir: Path,
     posterior_dir: Path,
@@ -151,17 +166,12 @@ def posterior_p_control(
     """{split: (n,) P(control)} from the probe a posterior directory stores, as the server
     computes it (None when the posterior has no probe)."""
     from app.control import load_control_probe
-    from app.modeling import load_checkpoint
-    from app.overlay import apply_overlay
-    from app.posterior import META_FILE, LoRASpec
+    from app.posterior import META_FILE
 
-    meta = json.loads((Path(posterior_dir) / META_FILE).read_text())
-    if not meta.get("control_probe"):
+    if not json.loads((Path(posterior_dir) / META_FILE).read_text()).get("control_probe"):
         return None
-    layer = LoRASpec.from_json(meta["lora"]).first_layer
+    loaded, layer, meta = prefix_model(base_dir, posterior_dir)
     probe = load_control_probe(posterior_dir, meta, first_layer=layer)
-    loaded = load_checkpoint(base_dir)
-    apply_overlay(posterior_dir, loaded)
     out = {}
     for split in splits:
         states = split_states(

@@ -24,7 +24,10 @@ Predictors compared (each on every seed):
   all runs go to one `finetune_pair` call, which trains as many side by side as the cores hold).
 Confidence scores (`app.scores`): the maximum averaged probability; for predictors with samples
 the risk-averse score (mean minus lambda times the std of the chosen option's probability,
-lambda from `risk_lambdas` by lowest calib AURC) and minus the mutual information.
+lambda from `risk_lambdas` by lowest calib AURC) and minus the mutual information; for every
+predictor, when `pretrain` holds control items, "answerable": the max probability times
+(1 - P(control)) ^ power, P(control) from the control probe fitted on `pretrain`'s prefix states
+(`training.eval.control_probe`), power from `control_powers` by lowest calib AURC.
 
 Per predictor and split: accuracy, ECE (15 bins), MCE, NLL, Brier, AUROC, AURC, coverage at
 risk 1/5/10/20 %, risk at coverage 50/80 %; per (predictor, score): the selective numbers and
@@ -60,6 +63,7 @@ from training.data.manifest import manifest_path
 from training.eval.control_probe import (
     attach_control_probe,
     fit_control_probe,
+    prefix_model,
     split_features,
     split_p_control,
     split_states,
@@ -281,19 +285,10 @@ def report_probe(
     and its P(control) on calib and every reported split; (None, None, note) when `pretrain`
     has no control items or is missing. The third element is results.json's "control_probe"
     entry."""
-    import torch
-
-    from app.modeling import load_checkpoint
-    from app.overlay import apply_overlay
-    from app.posterior import LoRASpec
-
     data = Path(run.data_dir)
     if not manifest_path(data, "pretrain").exists():
         return None, None, {"fitted": False, "why": "the benchmark has no pretrain split"}
-    meta = json.loads((Path(posterior_dir) / "quaver.json").read_text())
-    layer = LoRASpec.from_json(meta["lora"]).first_layer
-    loaded = load_checkpoint(run.base_dir, dtype=getattr(torch, run.dtype))
-    apply_overlay(posterior_dir, loaded)
+    loaded, layer, _ = prefix_model(run.base_dir, posterior_dir, run.dtype)
 
     def states(split: str):
         return split_states(
