@@ -51,5 +51,6 @@ def ask(
         "max_risk": thr.max_risk,
         "probabilities": {c: round(float(p), 4) for c, p in zip(choices, pred.probs, strict=True)},
         "mutual_information": round(pred.mutual_information, 5),
+        "no_answer": None if pred.p_control is None else round(pred.p_control, 4),
         "samples": samples,
     }

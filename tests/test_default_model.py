@@ -113,6 +113,8 @@ def test_shipped_files_are_small_and_complete():
     assert meta["base"]["overlay"]["tensors"]
     assert meta["calibration"]["targets"]
     assert meta["recipe"]["command"] == "quaver default"
+    if meta.get("control_probe"):  # the served answerable score reads it at start-up
+        assert (SHIPPED / meta["control_probe"]["file"]).exists()
 
 
 @pytest.mark.slow
@@ -145,6 +147,9 @@ def test_shipped_default_reproduces_recorded_answers(assembled_base, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["answer"] in rec["choices"]
     assert abs(sum(out["probabilities"].values()) - 1.0) < 1e-3
+    assert out["score"] == meta.get("decision", {}).get("score", "maxprob")
+    if meta.get("control_probe"):  # P(no answer) of a recorded test clip: answerable audio
+        assert 0.0 <= out["no_answer"] < 0.5
 
 
 def test_report_tables_every_family_and_predictor(tmp_path):
