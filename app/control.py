@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from app.posterior import PosteriorError
+from app.posterior import PosteriorError, save_tensors
 
 CONTROL_PROBE_FILE = "control_probe.safetensors"
 FEATURE = "audio_quarter_means"  # the only feature so far (see module docstring)
@@ -104,14 +104,14 @@ class ControlProbe:
     def save(self, out_dir: str | Path) -> dict:
         """Write CONTROL_PROBE_FILE into `out_dir`; returns the quaver.json "control_probe"
         entry (the caller stores it)."""
-        save_file(
+        save_tensors(
             {
                 "mean": self.mean.float().contiguous(),
                 "scale": self.scale.float().contiguous(),
                 "weight": self.weight.float().contiguous(),
                 "bias": torch.tensor([float(self.bias)]),
             },
-            str(Path(out_dir) / CONTROL_PROBE_FILE),
+            Path(out_dir) / CONTROL_PROBE_FILE,
         )
         return {
             **dict(self.info or {}),

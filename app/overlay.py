@@ -26,9 +26,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from app.posterior import META_FILE, PosteriorError
+from app.posterior import META_FILE, PosteriorError, save_tensors
 
 OVERLAY_FILE = "base_overlay.safetensors"
 BASE_INFO_FILE = "quaver_base.json"  # written by `quaver build-base` next to the weights
@@ -73,7 +73,7 @@ def write_overlay(
     }
     if not tensors:
         raise PosteriorError(f"no tensor of the model starts with {prefixes}")
-    save_file(tensors, out / OVERLAY_FILE)
+    save_tensors(tensors, out / OVERLAY_FILE)
     meta = json.loads((out / META_FILE).read_text())
     meta["base"] = {
         **meta.get("base", {}),

@@ -104,6 +104,30 @@ class Posterior:
         return self.mean[key], self.std[key]
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only set it, which would
+    briefly change it for every thread); 0o022 where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """safetensors' `save_file`, with the mode of any other file this process writes.
+    safetensors creates its files 0600, so a posterior exported by one user could not be served
+    by another (the image's service user, a directory mounted into the container)."""
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    path.chmod(0o666 & ~_umask())
+    return path
+
+
 def tensor_keys(spec: LoRASpec) -> list[str]:
     return [f"{m}.lora_{w}.weight" for m in spec.modules for w in ("A", "B")]
 
@@ -116,10 +140,10 @@ def save_posterior(out_dir: str | Path, posterior: Posterior) -> Path:
     for key in tensor_keys(posterior.spec):
         tensors[f"{key}.mean"] = posterior.mean[key].detach().float().cpu().contiguous()
         tensors[f"{key}.std"] = posterior.std[key].detach().float().cpu().contiguous()
-    save_file(tensors, out / POSTERIOR_FILE, metadata={"format": "quaver-posterior"})
+    save_tensors(tensors, out / POSTERIOR_FILE, metadata={"format": "quaver-posterior"})
     adapter = {PEFT_PREFIX + k: v for k, v in tensors.items() if k.endswith(".mean")}
     adapter = {k.removesuffix(".mean"): v for k, v in adapter.items()}
-    save_file(adapter, out / ADAPTER_FILE, metadata={"format": "pt"})
+    save_tensors(adapter, out / ADAPTER_FILE, metadata={"format": "pt"})
     spec = posterior.spec
     peft_cfg = {
         "peft_type": "LORA",

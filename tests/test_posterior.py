@@ -292,3 +292,22 @@ def test_batched_equals_unbatched_and_seeds(tiny_dir, posterior_dir):
         torch.from_numpy(other.sample_probs), torch.from_numpy(alone[0].sample_probs)
     )
     assert alone[2].mutual_information >= 0 and 0 <= alone[2].agreement <= 1
+
+
+def test_tensor_files_get_the_process_file_mode(tmp_path):
+    """safetensors creates its files 0600; save_tensors gives them the mode any other file of
+    the process gets (0666 minus the umask), so another user (the image's service user) can
+    read a posterior exported by this one."""
+    import os
+
+    from app.posterior import save_tensors
+
+    old = os.umask(0o022)
+    try:
+        path = save_tensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        strict = save_tensors({"a": torch.zeros(2)}, tmp_path / "y.safetensors")
+        assert strict.stat().st_mode & 0o777 == 0o600  # a stricter umask is honoured
+    finally:
+        os.umask(old)
