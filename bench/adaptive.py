@@ -36,9 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.posterior import load_posterior
 from app.predict import Predictor, Request
-from app.scores import Decision, score_values
+from app.scores import score_values
 from app.thresholds import threshold_for
 from training.data.manifest import load_audio_file, read_manifest
 from training.eval.control_probe import posterior_p_control
@@ -133,10 +132,10 @@ def main() -> None:
         progress=True,
         prefix_cache=cache,
     )
-    meta = load_posterior(a.posterior).meta
-    served = not a.plain and "decision" in meta
-    decision = Decision.from_meta(meta) if served else None
-    calibration = (decision and decision.calibration) or meta.get("calibration")
+    # the decision and threshold table exactly as the server reads them (None / the posterior's
+    # own table with --plain or without a stored decision)
+    predictor = Predictor.from_dirs(a.model, a.posterior, use_decision=not a.plain)
+    decision, calibration = predictor.decision, predictor.calibration
     mean, bma = preds.mean_probs, preds.bma(a.samples)
     conf_mean = conf_k = None
     if decision is not None:
@@ -163,7 +162,6 @@ def main() -> None:
             "rows": agreement_table(mean, bma, value, margins, conf_mean, conf_k),
         }
 
-    predictor = Predictor.from_dirs(a.model, a.posterior, use_decision=served)
     items = read_manifest(Path(a.data), a.split)[: a.time_items]
     clips = [
         predictor.prepare(load_audio_file(Path(a.data), it), it.question, list(it.choices))

@@ -98,8 +98,9 @@ def served_items(
     probs = preds.mean_probs if samples <= 1 else preds.bma(samples)
     if len(items) != len(probs):
         raise ValueError(f"{len(items)} items but predictions for {len(probs)}")
-    conf = confidence(probs)
-    if decision is not None:
+    if decision is None:
+        conf = confidence(probs)
+    else:
         draws = probs[:, None, :] if samples <= 1 else preds.sample_probs[:, :samples]
         conf = score_values(
             draws,

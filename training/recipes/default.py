@@ -35,6 +35,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -49,6 +50,9 @@ from training.recipes.flow import (
     samples_for,
     timed,
 )
+
+if TYPE_CHECKING:
+    from app.scores import Decision
 
 GOLDEN_FILE = "golden.json"
 # The benchmark of `real_mix` (training.data.generate.BenchmarkConfig fields; `DefaultRecipe.sizes`
@@ -197,7 +201,7 @@ def record_golden(
 
 def served_rule(
     base: Path, post: Path, data_dir: Path, splits: tuple[str, ...], prefix_cache: Path | None
-) -> tuple[dict, object, dict | None]:
+) -> tuple[dict, Decision | None, dict[str, np.ndarray] | None]:
     """What a posterior directory serves: (its calibration table, its stored decision or None,
     {split: P(control)} of its control probe or None), as `Predictor.from_dirs` reads them."""
     from app.posterior import META_FILE

@@ -285,9 +285,14 @@ def report_probe(
     and its P(control) on calib and every reported split; (None, None, note) when `pretrain`
     has no control items or is missing. The third element is results.json's "control_probe"
     entry."""
+    from training.data.controls import control_mask
+    from training.data.manifest import read_manifest
+
     data = Path(run.data_dir)
     if not manifest_path(data, "pretrain").exists():
         return None, None, {"fitted": False, "why": "the benchmark has no pretrain split"}
+    if not control_mask(read_manifest(data, "pretrain")).any():  # before any model or state work
+        return None, None, {"fitted": False, "why": "pretrain holds no control items"}
     loaded, layer, _ = prefix_model(run.base_dir, posterior_dir, run.dtype)
 
     def states(split: str):
@@ -296,8 +301,6 @@ def report_probe(
         )
 
     fit = states("pretrain")
-    if not fit.is_control.any():
-        return None, None, {"fitted": False, "why": "pretrain holds no control items"}
     info = {"fitted_on": "pretrain"}
     probe = fit_control_probe(split_features(loaded, fit), fit.is_control, layer, info=info)
     p_control, auroc = {}, {}

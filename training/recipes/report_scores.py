@@ -13,8 +13,9 @@ Scores (`app.scores`, the ones the server can use): "maxprob" for every predicto
 with samples (IVON BMA K > 1, the ensemble) also "risk_averse" (mean - lambda * std of the chosen
 option, lambda from `cfg.risk_lambdas` by lowest calib AURC) and "mutual_information"
 (confidence = -MI). With the control probe (`training.eval.control_probe`, fitted on
-`pretrain`), every predictor also gets "answerable": its max probability times 1 - P(control),
-the probe's probability that the audio holds no answer. The probe reads the frozen states below
+`pretrain`), every predictor also gets "answerable": its max probability times
+(1 - P(control)) ** power, P(control) the probe's probability that the audio holds no answer and
+the power from `cfg.control_powers` by lowest calib AURC (per predictor and seed). The probe reads the frozen states below
 the LoRA layers, so it is the same for IVON and AdamW: the AdamW rows get it too, and the served
 IVON choice is compared with "AdamW + TS | answerable" as well as with plain AdamW + TS.
 Every (predictor, score) gets its own guaranteed-risk table on calib.
