@@ -40,7 +40,11 @@ def ask(
     prepared = predictor.prepare(wave, question, choices)
     [pred] = predictor.predict([Request(prepared, samples=samples, seed=seed)])
     calibration = predictor.calibration  # the table on the served score
-    risk = default_risk(calibration, settings.default_max_risk) if max_risk is None else max_risk
+    risk = (
+        default_risk(calibration, settings.default_max_risk, settings.default_min_coverage)
+        if max_risk is None
+        else max_risk
+    )
     thr = threshold_for(calibration, risk)
     return {
         "answer": choices[pred.answer_index],

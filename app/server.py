@@ -104,7 +104,7 @@ class AnswerResponse(BaseModel):
         description="which score `confidence` is and the abstention compares with `threshold`: "
         "maxprob (max averaged probability), risk_averse (mean - lambda x std of the chosen "
         "option over samples), mutual_information (minus the samples' mutual information) or "
-        "answerable (maxprob x (1 - uncertainty.no_answer))"
+        "answerable (maxprob x (1 - uncertainty.no_answer) ^ the decision's power)"
     )
     model: ModelIds
     timing_ms: Timing
@@ -452,7 +452,9 @@ def create_app(
             "base": Path(str(p.loaded.path)).name,
             "posterior": p.posterior.name if p.posterior else "none",
             "score": p.score,
-            "default_max_risk": default_risk(calibration, s.default_max_risk),
+            "default_max_risk": default_risk(
+                calibration, s.default_max_risk, s.default_min_coverage
+            ),
             "lowest_guaranteed_risk": lowest_guaranteed_risk(calibration),
             "targets": targets(calibration),
             "default_samples": s.default_samples,
@@ -502,7 +504,11 @@ def create_app(
         if not 1 <= k <= s.max_samples:
             raise InvalidInput(f"samples must be between 1 and {s.max_samples}, got {k}")
         calibration = engine.predictor.calibration  # the table on the served score
-        risk = default_risk(calibration, s.default_max_risk) if max_risk is None else max_risk
+        risk = (
+            default_risk(calibration, s.default_max_risk, s.default_min_coverage)
+            if max_risk is None
+            else max_risk
+        )
         if not (0 < risk < 1) or not math.isfinite(risk):
             raise InvalidInput(f"max_risk must be in (0, 1), got {risk}")
         limits = state.limits

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.prompt import MAX_CHOICES, MIN_CHOICES
+from app.thresholds import DEFAULT_MIN_COVERAGE
 
 DEFAULT_POSTERIOR_DIR = Path(__file__).resolve().parent / "default"
 DEFAULT_EXAMPLES_DIR = Path(__file__).resolve().parent / "static" / "examples"
@@ -37,7 +38,15 @@ class Settings(BaseSettings):
         gt=0,
         lt=1,
         description="risk target when a request names none; unset = the lowest target the "
-        "posterior's calibration guarantees (a default it cannot meet would abstain on everything)",
+        "posterior's calibration guarantees with default_min_coverage answered (a default it "
+        "cannot meet would abstain on everything)",
+    )
+    default_min_coverage: float = Field(
+        DEFAULT_MIN_COVERAGE,
+        ge=0,
+        le=1,
+        description="with default_max_risk unset: the share of the calibration split the "
+        "default target must answer (0 = the lowest guaranteed target, however little it answers)",
     )
     adaptive: bool = Field(
         True, description="decide at the mean first; sample only near the threshold"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from app.posterior import LoRASpec, Posterior
-from training.eval.posterior_shape import hessian_movement, update_size
+from training.eval.posterior_shape import hessian_movement, sample_spread, update_size
 
 
 def _post(a: list[list[float]], b: list[list[float]]) -> Posterior:
@@ -27,6 +27,19 @@ def test_update_size_by_hand():
     assert u["factor_rms"] == pytest.approx(0.5)
     fresh = update_size(after, None)  # from zero weights: the whole dW, no relative size
     assert fresh["dw_fro"] == pytest.approx(2.0 * 2**0.5) and fresh["dw_rel"] is None
+
+
+def test_sample_spread_by_hand():
+    post = _post([[1.0, 0.0]], [[1.0], [0.0]])
+    # noise on A only, std 0.5 per entry: dW(sample) - dW(mean) = 2 * B @ eps_A, whose squared
+    # norm is 4 * ||B||^2 * ||eps_A||^2, expected 4 * 1 * (0.25 + 0.25) = 2
+    post.std["m.lora_A.weight"] = torch.full((1, 2), 0.5)
+    post.std["m.lora_B.weight"] = torch.zeros(2, 1)
+    assert sample_spread(post, draws=20000) == pytest.approx(2**0.5, rel=0.03)
+    # a point estimate (AdamW) has no spread
+    point = _post([[1.0, 0.0]], [[1.0], [0.0]])
+    point.std.update({k: torch.zeros_like(v) for k, v in point.std.items()})
+    assert sample_spread(point) is None and update_size(point, None)["sample_spread"] is None
 
 
 def test_update_size_refuses_different_modules():

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.server import create_app, load_predictor
 from app.settings import Settings
+from app.thresholds import FALLBACK_RISK, default_risk
 from tests.conftest import tone, wav_bytes
 
 QUESTION = "How many beeps are there?"
@@ -74,8 +75,8 @@ def test_formats_rates_and_channels(client):
         assert r.status_code == 200, (fmt, r.text)
 
 
-def test_default_risk_is_the_lowest_the_posterior_guarantees(client, settings, posterior_dir):
-    # the test posterior guarantees 0.05, 0.1, 0.2, 0.5 and not 0.01
+def test_default_risk_is_the_lowest_guaranteed_with_coverage(client, settings, posterior_dir):
+    # the test posterior guarantees 0.05, 0.1, 0.2, 0.5 and not 0.01; 0.05 answers 30 % of calib
     r = post(client).json()
     assert r["max_risk"] == 0.05 and r["threshold"] == 0.9
     assert r["lowest_guaranteed_risk"] == 0.05
@@ -90,6 +91,35 @@ def test_default_risk_is_the_lowest_the_posterior_guarantees(client, settings, p
         r = post(c).json()
         assert r["max_risk"] == 0.2 and r["threshold"] == 0.4
         assert c.get("/model").json()["default_max_risk"] == 0.2
+    # a coverage floor of 50 % moves the default to 0.1, the first target answering 60 %
+    wider = settings.model_copy(update={"default_min_coverage": 0.5})
+    with TestClient(create_app(wider, load_in_background=False)) as c:
+        r = post(c).json()
+        assert r["max_risk"] == 0.1 and r["threshold"] == 0.6
+        assert c.get("/model").json()["default_max_risk"] == 0.1
+
+
+def test_default_risk_rule():
+    def table(*rows):
+        return {
+            "targets": [
+                {"max_risk": r, "threshold": t, "coverage": c, "feasible": t is not None}
+                for r, t, c in rows
+            ]
+        }
+
+    shipped = table((0.05, None, 0.0), (0.1, 0.87, 0.1275), (0.2, 0.63, 0.375))
+    assert default_risk(shipped, None) == 0.2  # 0.1 answers 12.75 % of calib: below 30 %
+    assert default_risk(shipped, None, min_coverage=0.1) == 0.1
+    assert default_risk(shipped, None, min_coverage=0.0) == 0.1  # the lowest guaranteed
+    assert default_risk(shipped, 0.05) == 0.05  # a configured default wins
+    # no guaranteed target reaches the floor: the one answering most
+    assert default_risk(shipped, None, min_coverage=0.9) == 0.2
+    # no coverage recorded: the lowest guaranteed target
+    assert default_risk(table((0.1, 0.8, None), (0.2, 0.6, None)), None) == 0.1
+    # nothing guaranteed, or no table: the fallback
+    assert default_risk(table((0.1, None, 0.0)), None) == FALLBACK_RISK
+    assert default_risk(None, None) == FALLBACK_RISK
 
 
 def test_always_abstain_and_always_answer_targets(client):

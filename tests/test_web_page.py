@@ -87,7 +87,8 @@ def test_click_through(live_server, tmp_path):
     try:
         driver.get(live_server + "/")
         # the page starts from the service's default risk target (the lowest the test
-        # posterior guarantees: 0.05; the page's own fallback is 0.2) and lists the targets
+        # posterior guarantees with 30 % of calib answered: 0.05; the page's own fallback is
+        # 0.2) and lists the targets
         WebDriverWait(driver, 30).until(
             lambda d: d.find_element(By.ID, "max_risk").get_attribute("value") == "0.05"
         )

@@ -8,7 +8,9 @@ AdamW's is normalised per entry), so the report compares what the runs did:
 - `update`: the change of the LoRA weight delta, dW = scale * B @ A per adapted Linear (out, in),
   between the run's posterior mean and the adapter it started from (`init_from`; zero without
   one): its Frobenius norm summed over modules (`dw_fro`), relative to the start's (`dw_rel`,
-  None from zero), and the RMS change of the factor entries (`factor_rms`);
+  None from zero), and the RMS change of the factor entries (`factor_rms`); for a posterior
+  with a std (IVON), `sample_spread`: the RMS over draws of ||dW(sample) - dW(mean)|| summed
+  over modules, how far the served samples lie from the mean, to set beside `dw_fro`;
 - `hessian` (IVON runs): the last epoch's `IVON.hessian_stats()` from the run's log.jsonl (h's
   median, the median of h/h0 - 1, the share of entries that moved more than 1 %, the posterior
   std's median), i.e. whether the posterior is shaped by the data or is still its prior.
@@ -32,8 +34,29 @@ def _deltas(mean: dict[str, torch.Tensor], spec) -> dict[str, torch.Tensor]:
     }
 
 
+SPREAD_DRAWS = 8  # weight samples behind `sample_spread` (the served K)
+
+
+def sample_spread(post: Posterior, draws: int = SPREAD_DRAWS, seed: int = 0) -> float | None:
+    """RMS over `draws` samples theta ~ N(mean, std^2) of ||dW(theta) - dW(mean)||_F summed in
+    quadrature over modules; None when every std is zero (a point estimate such as AdamW's)."""
+    if not any(float(v.max()) > 0 for v in post.std.values()):
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    at_mean = _deltas(post.mean, post.spec)
+    total = 0.0
+    for _ in range(draws):
+        theta = {
+            k: m + post.std[k] * torch.randn(m.shape, generator=gen) for k, m in post.mean.items()
+        }
+        sampled = _deltas(theta, post.spec)
+        total += sum(float((sampled[m] - at_mean[m]).square().sum()) for m in at_mean)
+    return (total / draws) ** 0.5
+
+
 def update_size(post: Posterior, start: Posterior | None) -> dict[str, float | None]:
-    """dw_fro, dw_rel and factor_rms of `post`'s mean against `start`'s (None: zero weights)."""
+    """dw_fro, dw_rel, factor_rms and sample_spread of `post`'s mean against `start`'s (None:
+    zero weights)."""
     if start is not None and set(start.spec.modules) != set(post.spec.modules):
         raise ValueError("the two posteriors adapt different modules")
     # No start: zero factors, so dW starts at 0 and every factor entry's change is itself.
@@ -47,6 +70,7 @@ def update_size(post: Posterior, start: Posterior | None) -> dict[str, float | N
         "dw_fro": moved,
         "dw_rel": moved / base if base > 0 else None,
         "factor_rms": float(diffs.square().mean().sqrt()),
+        "sample_spread": sample_spread(post) if post.std else None,
     }
 
 

@@ -331,9 +331,10 @@ def served_section(served: dict) -> list[str]:
         "## What the service does at its default risk target",
         "",
         "A request that names no `max_risk` gets the lowest target the calibration table",
-        "guarantees (`app/thresholds.py`). Coverage is the share answered (of all items, and of",
-        "the answerable ones); risk is the error rate of the answered items, with its one-sided",
-        "95 % upper bound; controls are silence, noise and unrelated audio (any answer a guess).",
+        "guarantees with at least 30 % of `calib` answered (`app/thresholds.py`,",
+        "`default_risk`). Coverage is the share answered (of all items, and of the answerable",
+        "ones); risk is the error rate of the answered items, with its one-sided 95 % upper",
+        "bound; controls are silence, noise and unrelated audio (any answer a guess).",
         "",
     ]
     rows = []

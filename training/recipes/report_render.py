@@ -429,23 +429,25 @@ def _shape_section(results: dict) -> list[str]:
         "started from (Frobenius norm, and relative to the norm of the start's dW), and for IVON the last "
         "epoch's Hessian: median h / h0 - 1, the share of entries that moved more than 1 %, and "
         "the posterior std's median. A Hessian that never left hess_init is a prior, not a "
-        "posterior shaped by the data.",
+        "posterior shaped by the data. Sample spread: the RMS over 8 weight samples of "
+        "||dW(sample) - dW(mean)||, how far the served samples lie from the mean (IVON only).",
         "",
-        "| run | seed | dW change (Frobenius) | relative | h median | h/h0 - 1 (median) | moved > 1 % "
-        "| std median |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | seed | dW change (Frobenius) | relative | sample spread | h median "
+        "| h/h0 - 1 (median) | moved > 1 % | std median |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for which, by_seed in shapes.items():
         for seed, sh in by_seed.items():
             u, h = sh["update"], sh.get("hessian") or {}
             rel = "-" if u["dw_rel"] is None else f"{u['dw_rel']:.3f}"
+            spread = "-" if u.get("sample_spread") is None else f"{u['sample_spread']:.4g}"
             hess = (
                 f"{h['h_median']:.3g} | {h['rel_change_median']:+.3f} | "
                 f"{100 * h['frac_changed']:.1f} % | {h['std_median']:.3g}"
                 if h
                 else "- | - | - | -"
             )
-            lines.append(f"| {which} | {seed} | {u['dw_fro']:.4g} | {rel} | {hess} |")
+            lines.append(f"| {which} | {seed} | {u['dw_fro']:.4g} | {rel} | {spread} | {hess} |")
     return lines
 
 
