@@ -18,6 +18,7 @@ from app.posterior import PosteriorError, load_posterior
 from app.predict import Predictor, Request
 from app.server import load_predictor
 from app.settings import Settings
+from app.thresholds import default_risk
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "app" / "default"
@@ -115,6 +116,12 @@ def test_shipped_files_are_small_and_complete():
     assert meta["recipe"]["command"] == "quaver default"
     if meta.get("control_probe"):  # the served answerable score reads it at start-up
         assert (SHIPPED / meta["control_probe"]["file"]).exists()
+    # the server's default target (the rule on the served table) is the one the recipe's
+    # replay of the served rule recorded on every split
+    table = (meta.get("decision") or {}).get("calibration") or meta["calibration"]
+    served = default_risk(table, None)
+    for split, got in meta["recipe"]["served"]["ivon"].items():
+        assert got["default_target"]["max_risk"] == served, split
 
 
 @pytest.mark.slow
