@@ -20,16 +20,20 @@ class Threshold:
     calibrated: bool
 
 
+def _guaranteed(calibration: dict | None) -> list[dict]:
+    """The table's entries whose threshold met its guarantee on the calibration split, by target."""
+    entries = (calibration or {}).get("targets") or []
+    return sorted(
+        (e for e in entries if e.get("feasible", True) and e.get("threshold") is not None),
+        key=lambda e: float(e["max_risk"]),
+    )
+
+
 def lowest_guaranteed_risk(calibration: dict | None) -> float | None:
     """The smallest target whose threshold met its guarantee on the calibration split (None: no
     table, or no target met): what a client should ask for at the least."""
-    entries = (calibration or {}).get("targets") or []
-    feasible = [
-        float(e["max_risk"])
-        for e in entries
-        if e.get("feasible", True) and e.get("threshold") is not None
-    ]
-    return min(feasible) if feasible else None
+    guaranteed = _guaranteed(calibration)
+    return float(guaranteed[0]["max_risk"]) if guaranteed else None
 
 
 FALLBACK_RISK = 0.05  # the default target where the table guarantees none (or there is none)
@@ -52,11 +56,7 @@ def default_risk(
     guarantees 0.1 at 13 % coverage would make a first user's answers mostly "abstain"."""
     if configured is not None:
         return configured
-    entries = (calibration or {}).get("targets") or []
-    guaranteed = sorted(
-        (e for e in entries if e.get("feasible", True) and e.get("threshold") is not None),
-        key=lambda e: float(e["max_risk"]),
-    )
+    guaranteed = _guaranteed(calibration)
     if not guaranteed:
         return FALLBACK_RISK
     if min_coverage <= 0 or any(e.get("coverage") is None for e in guaranteed):
