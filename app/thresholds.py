@@ -20,13 +20,15 @@ class Threshold:
     calibrated: bool
 
 
+def _is_guaranteed(entry: dict) -> bool:
+    """Whether a table entry's threshold met its guarantee on the calibration split."""
+    return bool(entry.get("feasible", True)) and entry.get("threshold") is not None
+
+
 def _guaranteed(calibration: dict | None) -> list[dict]:
-    """The table's entries whose threshold met its guarantee on the calibration split, by target."""
+    """The table's guaranteed entries, by target."""
     entries = (calibration or {}).get("targets") or []
-    return sorted(
-        (e for e in entries if e.get("feasible", True) and e.get("threshold") is not None),
-        key=lambda e: float(e["max_risk"]),
-    )
+    return sorted(filter(_is_guaranteed, entries), key=lambda e: float(e["max_risk"]))
 
 
 def lowest_guaranteed_risk(calibration: dict | None) -> float | None:
@@ -72,7 +74,7 @@ def targets(calibration: dict | None) -> list[dict]:
     entries = (calibration or {}).get("targets") or []
     out = []
     for e in sorted(entries, key=lambda e: float(e["max_risk"])):
-        feasible = bool(e.get("feasible", True)) and e.get("threshold") is not None
+        feasible = _is_guaranteed(e)
         out.append(
             {
                 "max_risk": float(e["max_risk"]),

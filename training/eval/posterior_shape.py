@@ -70,7 +70,7 @@ def update_size(post: Posterior, start: Posterior | None) -> dict[str, float | N
         "dw_fro": moved,
         "dw_rel": moved / base if base > 0 else None,
         "factor_rms": float(diffs.square().mean().sqrt()),
-        "sample_spread": sample_spread(post) if post.std else None,
+        "sample_spread": sample_spread(post),
     }
 
 
